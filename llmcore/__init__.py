@@ -1,0 +1,19 @@
+"""llmcore: the package behind the book. How large language models are built and trained.
+
+Shape key, used in every comment that follows a reshape:
+
+    B   batch size
+    T   sequence length (time)
+    C   model width (n_embd, d_model)
+    nh  number of attention heads
+    hs  head size, C // nh
+    V   vocabulary size
+
+A comment ``# (B, nh, T, hs)`` gives the shape of the tensor on that line.
+"""
+
+__version__ = "0.1.0"
+
+from llmcore.runtime import Runtime, setup  # noqa: E402
+
+__all__ = ["Runtime", "setup", "__version__"]

@@ -1,0 +1,63 @@
+"""Configs are frozen dataclasses; experiment sizes come in pairs, one per tier.
+
+A page never writes ``if gpu: n_layer = 12 else: n_layer = 4``. It names a preset,
+
+    SIZES = Tiered(cpu=GPTConfig(n_layer=4, ...), gpu=GPTConfig(n_layer=12, ...))
+    cfg = rt.pick(SIZES)
+
+and the runtime picks the entry for its tier (see ``llmcore.runtime``). Presets live
+beside the code they configure; this module holds what they share.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Generic, Iterator, TypeVar
+
+from llmcore.runtime import TIERS
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Tiered(Generic[T]):
+    """One preset per tier: ``cpu`` for two cores in a minute or two, ``gpu`` for one GPU."""
+
+    cpu: T  # small enough for a laptop and for CI
+    gpu: T  # a real experiment, minutes on one GPU
+
+    def __getitem__(self, tier: str) -> T:
+        if tier not in TIERS:
+            raise KeyError(f"unknown tier {tier!r}; use one of {TIERS}")
+        return getattr(self, tier)
+
+    def __contains__(self, tier: object) -> bool:
+        return tier in TIERS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(TIERS)
+
+    def keys(self) -> tuple[str, ...]:
+        return TIERS
+
+
+def check_positive(obj: object, *names: str) -> None:
+    """Raise a ValueError naming the first field of ``obj`` that is not a positive number.
+
+    Meant for ``__post_init__`` of config dataclasses.
+    """
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive number, "
+                             f"got {value!r}")
+
+
+def override(cfg: T, **changes) -> T:
+    """A copy of the frozen config ``cfg`` with ``changes``; unknown names are an error."""
+    known = {f.name for f in fields(cfg)}  # type: ignore[arg-type]
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}; "
+                         f"fields are {sorted(known)}")
+    return replace(cfg, **changes)  # type: ignore[type-var]
