@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import time
 import warnings
@@ -25,6 +26,8 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+
+from llmcore.notebooks import is_myst_notebook
 
 ROOT = Path(__file__).resolve().parent
 # The deliberately failing notebook of the collector's own test is not part of the suite.
@@ -40,17 +43,6 @@ def pytest_addoption(parser):
                     help="with --nb-cache: run only notebooks missing from the cache")
     group.addoption("--nb-times", metavar="FILE", default=None,
                     help="write the seconds each notebook took to FILE (JSON)")
-
-
-def is_myst_notebook(path: Path) -> bool:
-    """A jupytext MyST notebook: a .md file whose front matter names a kernelspec."""
-    if path.suffix != ".md":
-        return False
-    head = path.read_text(encoding="utf-8", errors="replace")[:2000]
-    if not head.startswith("---"):
-        return False
-    front = head.split("\n---", 1)[0]
-    return "kernelspec:" in front
 
 
 def pytest_collect_file(file_path, parent):
@@ -153,12 +145,23 @@ def pytest_collection_modifyitems(session, config, items):
         items[:] = keep
 
 
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
+    """Mark failed notebooks; make a failed cell's report plain text, error line first."""
     outcome = yield
     report = outcome.get_result()
-    if IPyNbCell is not None and isinstance(item, IPyNbCell) and report.failed:
-        item.parent.llmcore_failed = True
+    if IPyNbCell is None or not isinstance(item, IPyNbCell) or not report.failed:
+        return
+    item.parent.llmcore_failed = True
+    text = ANSI.sub("", str(report.longrepr))
+    lines = [line for line in text.splitlines() if line.strip()]
+    error = next((line for line in reversed(lines)
+                  if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line)),
+                 None)
+    report.longrepr = f"{error}\n\n{text}" if error else text
 
 
 def pytest_runtest_teardown(item, nextitem):

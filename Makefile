@@ -1,0 +1,92 @@
+# The two commands of the README, and their helpers. Each target sets up what it needs.
+#
+#   make test          unit tests + every notebook under nbval, in parallel
+#   make book          the HTML book in _build/html, every notebook executed
+#
+# Each notebook runs once per `make test && make book`: the tests store executed
+# notebooks in a jupyter-cache (_build/.jupyter_cache) and the book reads them from it.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A CPU wheel where one is provided locally; PyPI's default (CUDA) build elsewhere.
+TORCH_SPEC ?= torch==2.13.0
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+CELL_TIMEOUT ?= 900
+CACHE := _build/.jupyter_cache
+REPORTS := _build/reports
+NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
+         --nb-cache $(CACHE)
+XDIST := -n $(JOBS) --dist loadfile
+JB := $(VENV)/bin/jupyter-book build --all -W -n --keep-going
+
+.PHONY: help venv test execute book book-student notebooks student-labs lock clean
+
+help:
+	@echo "make test          run the unit tests and every notebook (nbval), in parallel"
+	@echo "make book          build the HTML book into _build/html"
+	@echo "make book-student  the book with exercise solutions hidden (_build/student)"
+	@echo "make student-labs  student versions of the labs in _build/student-labs"
+	@echo "make notebooks     refresh the .ipynb copies used by Colab"
+	@echo "make lock          rewrite constraints.txt from the current environment"
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
+	touch $@
+
+test: venv
+	@mkdir -p $(REPORTS); start=$$(date +%s); status=0; \
+	$(PY) -m pytest $(XDIST) $(NBVAL) --nb-times $(REPORTS)/notebook-times.json \
+	    tests book labs || status=$$?; \
+	echo "make test: $$(( $$(date +%s) - start )) s (exit $$status);" \
+	     "per-notebook seconds in $(REPORTS)/notebook-times.json"; \
+	exit $$status
+
+# Execute, in parallel, only the notebooks the cache lacks (none after `make test`).
+execute: venv
+	@mkdir -p $(REPORTS); status=0; \
+	$(PY) -m pytest -q $(XDIST) $(NBVAL) --nb-missing-only \
+	    --nb-times $(REPORTS)/book-notebook-times.json book labs || status=$$?; \
+	if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi
+
+book: venv
+	@start=$$(date +%s); \
+	$(MAKE) --no-print-directory execute; \
+	$(JB) . ; \
+	echo "make book: $$(( $$(date +%s) - start )) s, notebook execution included." \
+	     "Open $(CURDIR)/_build/html/index.html"
+
+book-student: execute
+	@mkdir -p _build/student
+	$(PY) -c "import yaml; c = yaml.safe_load(open('_config.yml')); \
+	c.setdefault('sphinx', {}).setdefault('config', {})['hide_solutions'] = True; \
+	c['execute']['cache'] = '$(CURDIR)/$(CACHE)'; \
+	yaml.safe_dump(c, open('_build/student/_config.yml', 'w'))"
+	$(JB) --config _build/student/_config.yml --path-output _build/student .
+	@echo "Student book (solutions hidden): open $(CURDIR)/_build/student/_build/html/index.html"
+
+student-labs: venv
+	$(PY) -m llmcore.labs student _build/student-labs
+
+notebooks: venv
+	$(PY) -m llmcore.colab write
+
+lock: venv
+	( echo "# Exact versions CI installs (pip install -r requirements.txt -c constraints.txt)."; \
+	  echo "# torch is pinned in the Makefile (TORCH_SPEC). Regenerate with: make lock"; \
+	  $(PY) -m pip freeze --exclude-editable | grep -viE '^(torch|llmcore|nvidia-|triton)[=@ ]' ) \
+	  > constraints.txt
+
+clean:
+	rm -rf _build

@@ -1,0 +1,60 @@
+"""Parameter and memory accounting against real modules and real optimizer state."""
+
+import pytest
+import torch
+from torch import nn
+
+from llmcore import accounting as acc
+
+
+class NativeGPT(nn.Module):
+    """A GPT-2-shaped decoder built from torch.nn only, to check the formula."""
+
+    def __init__(self, n_layer, n_embd, vocab_size, block_size):
+        super().__init__()
+        self.tok = nn.Embedding(vocab_size, n_embd)
+        self.pos = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(n_embd, 4, 4 * n_embd, dropout=0.0,
+                                       batch_first=True, norm_first=True)
+            for _ in range(n_layer))
+        self.norm = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.head.weight = self.tok.weight  # tied
+
+
+def test_gpt_param_count_matches_a_real_module():
+    model = NativeGPT(3, 64, 100, 32)
+    assert acc.count_params(model) == acc.gpt_param_count(3, 64, 100, 32)
+    # GPT-2 small: 124M with a tied head (the paper's and nanoGPT's figure).
+    assert round(acc.gpt_param_count(12, 768, 50257, 1024) / 1e6) == 124
+    with pytest.raises(ValueError, match="n_embd must be a positive int"):
+        acc.gpt_param_count(2, 0, 10, 10)
+
+
+def test_adamw_state_is_eight_bytes_per_parameter_in_fp32():
+    model = NativeGPT(2, 32, 50, 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 50, (2, 16))
+    h = model.tok(x) + model.pos(torch.arange(16))
+    for block in model.blocks:
+        h = block(h)
+    model.head(model.norm(h)).sum().backward()
+    opt.step()
+    n = acc.count_params(model)
+    measured = acc.measure_training_state(model, opt)
+    predicted = acc.training_bytes(n, "fp32 + AdamW")
+    assert measured["weights"] == predicted["weights"] == 4 * n
+    assert measured["grads"] == predicted["grads"] == 4 * n
+    assert measured["optimizer"] == predicted["optimizer"] == 8 * n
+    assert measured["counters"] == 4 * len(list(model.parameters()))
+
+
+def test_recipes_and_formats():
+    assert acc.training_bytes(10, "mixed bf16 + AdamW")["total"] == 160
+    assert acc.bytes_per_element("int4") == 0.5
+    with pytest.raises(ValueError, match="fmt='fp12'"):
+        acc.bytes_per_element("fp12")
+    with pytest.raises(ValueError, match="recipe='adam'"):
+        acc.training_bytes(1, "adam")
+    assert acc.human_bytes(1536) == "1.5 KiB" and acc.human_bytes(12) == "12 B"
