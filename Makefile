@@ -15,7 +15,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # A CPU wheel where one is provided locally; PyPI's default (CUDA) build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
-JOBS ?= $(shell nproc 2>/dev/null || echo 2)
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+JOBS ?= $(NPROC)
+# Threads per notebook kernel, so that JOBS kernels share the cores without
+# oversubscribing them.
+THREADS ?= $(shell echo $$(( $(NPROC) / $(JOBS) > 0 ? $(NPROC) / $(JOBS) : 1 )))
 CELL_TIMEOUT ?= 900
 CACHE := _build/.jupyter_cache
 REPORTS := _build/reports
@@ -47,7 +51,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 
 test: venv
 	@mkdir -p $(REPORTS); start=$$(date +%s); status=0; \
-	$(PY) -m pytest $(XDIST) $(NBVAL) --nb-times $(REPORTS)/notebook-times.json \
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest $(XDIST) $(NBVAL) --nb-times $(REPORTS)/notebook-times.json \
 	    tests book labs || status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s (exit $$status);" \
 	     "per-notebook seconds in $(REPORTS)/notebook-times.json"; \
@@ -56,7 +60,7 @@ test: venv
 # Execute, in parallel, only the notebooks the cache lacks (none after `make test`).
 execute: venv
 	@mkdir -p $(REPORTS); status=0; \
-	$(PY) -m pytest -q $(XDIST) $(NBVAL) --nb-missing-only \
+	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q $(XDIST) $(NBVAL) --nb-missing-only \
 	    --nb-times $(REPORTS)/book-notebook-times.json book labs || status=$$?; \
 	if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi
 

@@ -6,9 +6,9 @@
 2. Execute once. With ``--nb-cache DIR`` a notebook whose cells all passed is stored,
    outputs and all, in the jupyter-cache at DIR, the cache the book build reads
    (``execute_notebooks: cache`` in ``_config.yml``). The book then executes nothing
-   that the tests already ran. The cache is emptied whenever ``llmcore``, ``data`` or
-   the pinned requirements change (see ``fingerprint``), since the notebooks' outputs
-   depend on them. ``--nb-missing-only`` runs only notebooks not yet in the cache.
+   that the tests already ran. The cache is emptied whenever ``llmcore`` or the pinned
+   requirements change (see ``fingerprint``), since the notebooks' outputs depend on
+   them. ``--nb-missing-only`` runs only notebooks not yet in the cache.
 3. Time report. The seconds each notebook took are printed at the end, slowest first,
    and written to ``--nb-times FILE`` as JSON.
 """
@@ -32,7 +32,8 @@ from llmcore.notebooks import is_myst_notebook
 ROOT = Path(__file__).resolve().parent
 # The deliberately failing notebook of the collector's own test is not part of the suite.
 collect_ignore = ["tests/notebooks"]
-FINGERPRINTED = ("llmcore/**/*.py", "data/*", "requirements.txt", "constraints.txt")
+# The corpora in data/ need no place here: load_corpus refuses any altered file.
+FINGERPRINTED = ("llmcore/**/*.py", "requirements.txt", "constraints.txt")
 
 
 def pytest_addoption(parser):

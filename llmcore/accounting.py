@@ -43,15 +43,16 @@ def gpt_param_count(n_layer: int, n_embd: int, vocab_size: int, block_size: int,
     """Parameters of a GPT-2-shaped decoder (learned positions, LayerNorm, 4x MLP).
 
     Per block: attention 4 C^2 (+ 4 C biases), MLP 8 C^2 (+ 5 C), two LayerNorms 4 C
-    (2 C without biases): 12 C^2 + 13 C in all. Plus token and position embeddings,
-    a final LayerNorm, and an output head unless it is tied to the token embedding.
+    (2 C without biases): 12 C^2 + 13 C in all, 12 C^2 + 2 C without biases. Plus
+    token and position embeddings, a final LayerNorm, and an output head unless it is
+    tied to the token embedding.
     """
     for name, value in (("n_layer", n_layer), ("n_embd", n_embd),
                         ("vocab_size", vocab_size), ("block_size", block_size)):
         if not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     c = n_embd
-    per_block = 12 * c * c + (13 * c if bias else 4 * c)
+    per_block = 12 * c * c + (13 * c if bias else 2 * c)
     embeddings = vocab_size * c + block_size * c
     final_norm = 2 * c if bias else c
     head = 0 if tied else vocab_size * c

@@ -58,3 +58,12 @@ def test_recipes_and_formats():
     with pytest.raises(ValueError, match="recipe='adam'"):
         acc.training_bytes(1, "adam")
     assert acc.human_bytes(1536) == "1.5 KiB" and acc.human_bytes(12) == "12 B"
+
+
+def test_gpt_param_count_without_biases_matches_llmcore_gpt():
+    from llmcore.models.gpt import GPT, GPTConfig
+
+    for bias in (True, False):
+        cfg = GPTConfig(vocab_size=77, block_size=19, n_layer=2, n_head=2, n_embd=24,
+                        bias=bias)
+        assert GPT(cfg).num_params() == acc.gpt_param_count(2, 24, 77, 19, bias=bias)

@@ -88,3 +88,12 @@ def test_student_version_fails_every_check(lab, tmp_path):
         assert errors[0].ename in ("AssertionError", "NotImplementedError"), (
             f"{lab.name}, cell {index}: check failed with {errors[0].ename}, not with the "
             "stub's NotImplementedError or an AssertionError")
+
+
+def test_command_line_writes_md_and_ipynb(tmp_path, capsys):
+    assert labs.main(["student", str(tmp_path), str(LABS[0])]) == 0
+    printed = capsys.readouterr().out.split()
+    assert sorted(printed) == sorted(str(tmp_path / (LABS[0].stem + s))
+                                     for s in (".md", ".ipynb"))
+    text = (tmp_path / (LABS[0].stem + ".md")).read_text()
+    assert "NotImplementedError" in text and labs.BEGIN not in text
