@@ -1,0 +1,18 @@
+"""Parallel training by hand, on several processes: data, ZeRO, tensor, pipeline.
+
+Every scheme runs under :func:`launch` with gloo on the CPU (or NCCL on GPUs) and is
+checked against a single process and against PyTorch's own implementation.
+"""
+
+from llmcore.parallel.comm import Comm, CommStats, HookState, allreduce_hook
+from llmcore.parallel.data_parallel import BucketedDataParallel, NaiveDataParallel
+from llmcore.parallel.launch import WorkerError, launch
+from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                              VocabParallelEmbedding,
+                                              apply_tensor_parallel)
+from llmcore.parallel.zero import ZeroDataParallel
+
+__all__ = ["BucketedDataParallel", "ColumnParallelLinear", "Comm", "CommStats",
+           "HookState", "NaiveDataParallel", "RowParallelLinear",
+           "VocabParallelEmbedding", "WorkerError", "ZeroDataParallel",
+           "allreduce_hook", "apply_tensor_parallel", "launch"]

@@ -1,0 +1,135 @@
+"""What a parallel plan costs: memory per rank and bytes communicated per step.
+
+Closed-form counts for a GPT (``llmcore.models.gpt.GPTConfig``) trained with Adam:
+
+* training state: 16 bytes per parameter in mixed precision (ZeRO paper, section 3),
+  divided by the sharding of each scheme;
+* communication *payload* per step and rank, per collective, exactly as
+  ``llmcore.parallel.comm.Comm`` counts it, so the tests compare prediction and
+  measurement byte for byte; :func:`llmcore.parallel.comm.wire_bytes` turns a payload
+  into bytes on the wire for a ring;
+* the pipeline bubble (p - 1) / (m + p - 1) of GPipe and 1F1B (Huang et al. 2019;
+  Narayanan et al. 2021).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmcore.config import check_positive
+from llmcore.parallel.comm import wire_bytes
+
+
+def gpt_params(vocab_size: int, block_size: int, n_layer: int, n_embd: int,
+               bias: bool = True) -> int:
+    """Parameters of llmcore's GPT (tied head): V C + T C + L (12 C^2 + 13 C) + 2 C."""
+    c = n_embd
+    per_block = 12 * c * c + (13 * c if bias else 2 * c)  # biases + 2 LayerNorms
+    final_norm = 2 * c if bias else c
+    return vocab_size * c + block_size * c + n_layer * per_block + final_norm
+
+
+def zero_state_bytes(n_params: int, stage: int, world_size: int) -> float:
+    """Parameters + gradients + optimizer state per rank, mixed-precision Adam."""
+    n = world_size
+    per_param = {0: 16.0, 1: 4 + 12 / n, 2: 2 + 14 / n, 3: 16 / n}
+    if stage not in per_param:
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    return per_param[stage] * n_params
+
+
+def dp_payload(n_params: int, grad_bytes: int = 4) -> dict[str, float]:
+    """Data parallel: one all-reduce of every gradient."""
+    return {"all_reduce": grad_bytes * n_params}
+
+
+def zero_payload(stage: int, n_params: int, param_bytes: int = 4,
+                 root_params: int = 0) -> dict[str, float]:
+    """ZeRO: reduce-scatter the gradients, all-gather the parameters.
+
+    Stages 1-2 gather the updated parameters once; stage 3 gathers each unit before
+    its forward and again before its backward, except the ``root_params`` that stay
+    gathered from the root's forward to its backward.
+    """
+    if stage == 0:
+        return dp_payload(n_params, param_bytes)
+    gathers = 1 if stage in (1, 2) else 2
+    return {"reduce_scatter": param_bytes * n_params,
+            "all_gather": param_bytes * (gathers * n_params
+                                         - (gathers - 1) * root_params)}
+
+
+def tp_payload(batch: int, seq: int, n_embd: int, n_layer: int, vocab_size: int,
+               act_bytes: int = 4, vocab_parallel: bool = True) -> dict[str, float]:
+    """Megatron tensor parallelism of a GPT, per training step (forward + backward).
+
+    Each block all-reduces (B, T, C) twice forward (after attention and MLP, the g
+    operator) and twice backward (the f operator before them). A vocabulary-parallel
+    embedding adds one forward all-reduce, the parallel head one backward all-reduce
+    and the all-gather of the logits (B, T, V).
+    """
+    act = batch * seq * n_embd * act_bytes
+    out = {"all_reduce": 4 * n_layer * act}
+    if vocab_parallel:
+        out["all_reduce"] += 2 * act
+        out["all_gather"] = batch * seq * vocab_size * act_bytes
+    return out
+
+
+def pp_payload(batch: int, seq: int, n_embd: int, stage: int, n_stages: int,
+               act_bytes: int = 4) -> dict[str, float]:
+    """Pipeline: a stage sends its output activations forward (all micro-batches
+    together are the batch) and the gradient of its input backward."""
+    act = batch * seq * n_embd * act_bytes
+    sent = act * (stage < n_stages - 1) + act * (stage > 0)
+    return {"send": sent} if sent else {}
+
+
+def bubble_fraction(n_stages: int, n_micro: int) -> float:
+    """Idle fraction of a GPipe or 1F1B step: (p - 1) / (m + p - 1)."""
+    return (n_stages - 1) / (n_micro + n_stages - 1)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A hybrid layout: dp x tp x pp ranks, ZeRO stage inside the dp group."""
+
+    dp: int = 1  # data-parallel replicas (or ZeRO shards)
+    tp: int = 1  # tensor-parallel ranks: each holds 1/tp of every block
+    pp: int = 1  # pipeline stages: each holds n_layer/pp blocks
+    zero: int = 0  # ZeRO stage within the dp group (0 = plain data parallel)
+    micro_batches: int = 1  # per step, for the pipeline bubble
+
+    def __post_init__(self):
+        check_positive(self, "dp", "tp", "pp", "micro_batches")
+        if self.zero not in (0, 1, 2, 3):
+            raise ValueError(f"Plan.zero must be 0-3, got {self.zero!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+
+def estimate(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2) -> dict:
+    """Memory (bytes of training state) and wire bytes per rank per step for ``plan``.
+
+    ``cfg`` has vocab_size, block_size, n_layer, n_embd (a GPTConfig); ``batch`` is the
+    global batch. Model-parallel splits divide the state evenly (embeddings included),
+    which is the usual first-order estimate.
+    """
+    n = gpt_params(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd)
+    local = n / (plan.tp * plan.pp)
+    state = zero_state_bytes(round(local), plan.zero, plan.dp)
+    local_batch = batch // plan.dp
+    dp = zero_payload(plan.zero, round(local), 2) if plan.dp > 1 else {}
+    tp = (tp_payload(local_batch, seq, cfg.n_embd, cfg.n_layer // plan.pp,
+                     cfg.vocab_size, act_bytes) if plan.tp > 1 else {})
+    pp = pp_payload(local_batch, seq, cfg.n_embd, 1 if plan.pp > 2 else 0, plan.pp,
+                    act_bytes) if plan.pp > 1 else {}
+    wire = {
+        "dp": sum(wire_bytes(op, b, plan.dp) for op, b in dp.items()),
+        "tp": sum(wire_bytes(op, b, plan.tp) for op, b in tp.items()),
+        "pp": sum(wire_bytes(op, b, 2) for op, b in pp.items()),
+    }
+    return {"params": n, "state_bytes": state, "wire_bytes": wire,
+            "bubble": bubble_fraction(plan.pp, plan.micro_batches)}

@@ -1,0 +1,275 @@
+"""Pipeline parallelism: consecutive blocks on consecutive ranks, micro-batches flowing.
+
+A GPT is cut into p stages; stage s sends its output activations to stage s + 1 and
+receives the gradient of them back. With one batch only one stage works at a time, so
+the batch is cut into m micro-batches:
+
+* GPipe (Huang et al. 2019): every stage runs all m forwards, then all m backwards;
+  it keeps the activations of all m micro-batches;
+* 1F1B (Narayanan et al. 2021, PipeDream-Flush): after p - s - 1 warm-up forwards a
+  stage alternates one forward and one backward, keeping at most p - s in flight.
+
+Both leave each stage idle for the same share of the step, the *bubble*
+(p - 1) / (m + p - 1). Sends are non-blocking (``isend``) so that two neighbours
+that both send never wait on each other; receives block.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llmcore.parallel.comm import Comm
+
+
+class GPTStage(nn.Module):
+    """Blocks ``[lo, hi)`` of a GPT; the first stage embeds, the last one projects to
+    logits. Holds references to the model's own modules (parameter names survive)."""
+
+    def __init__(self, model: nn.Module, stage: int, n_stages: int):
+        super().__init__()
+        n_layer = len(model.blocks)
+        if not 0 < n_stages <= n_layer:
+            raise ValueError(f"n_stages={n_stages} must be between 1 and the number of "
+                             f"blocks ({n_layer})")
+        lo, hi = (n_layer * stage) // n_stages, (n_layer * (stage + 1)) // n_stages
+        self.first, self.last = stage == 0, stage == n_stages - 1
+        self.embed = [model.tok_emb, model.pos_emb, model.drop] if self.first else []
+        self.embed = nn.ModuleList(self.embed)
+        self.blocks = nn.ModuleList(model.blocks[lo:hi])
+        self.head = nn.ModuleList([model.ln_f, model.lm_head] if self.last else [])
+
+    def forward(self, x):
+        """(B, T) token ids on the first stage, else (B, T, C); logits on the last."""
+        if self.first:
+            tok, pos, drop = self.embed
+            x = drop(pos(tok(x)))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, is_causal=True)
+        if self.last:
+            ln_f, lm_head = self.head
+            x = lm_head(ln_f(x))  # (B, T, V)
+        return x
+
+
+def lm_loss(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# ------------------------------------------------- schedules
+
+
+def gpipe(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
+    """All forwards, then all backwards."""
+    return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
+
+
+def one_f_one_b(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
+    """p - s - 1 warm-up forwards, then one forward / one backward, then cool-down."""
+    warm = min(n_stages - stage - 1, n_micro)
+    sched = [("F", i) for i in range(warm)]
+    for i in range(warm, n_micro):
+        sched += [("F", i), ("B", i - warm)]
+    return sched + [("B", i) for i in range(n_micro - warm, n_micro)]
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+
+
+def simulate(schedule: str, n_stages: int, n_micro: int, t_f: float = 1.0,
+             t_b: float = 2.0) -> list[dict]:
+    """Events of an ideal run (forward t_f, backward t_b, free communication)."""
+    plans = [SCHEDULES[schedule](s, n_stages, n_micro) for s in range(n_stages)]
+    done: dict[tuple, float] = {}
+    free, pos, events = [0.0] * n_stages, [0] * n_stages, []
+    while any(pos[s] < len(plans[s]) for s in range(n_stages)):
+        for s in range(n_stages):
+            if pos[s] == len(plans[s]):
+                continue
+            kind, mb = plans[s][pos[s]]
+            dep = (("F", s - 1, mb) if s > 0 else None) if kind == "F" else \
+                (("B", s + 1, mb) if s < n_stages - 1 else ("F", s, mb))
+            if dep is not None and dep not in done:
+                continue  # waits for a neighbour
+            start = max(free[s], done.get(dep, 0.0))
+            end = start + (t_f if kind == "F" else t_b)
+            done[(kind, s, mb)] = free[s] = end
+            events.append({"stage": s, "kind": kind, "mb": mb, "start": start,
+                           "end": end})
+            pos[s] += 1
+    return events
+
+
+def bubble(events: list[dict]) -> float:
+    """Share of stage-time spent idle between the first start and the last end."""
+    stages = {e["stage"] for e in events}
+    span = max(e["end"] for e in events) - min(e["start"] for e in events)
+    busy = sum(e["end"] - e["start"] for e in events)
+    return 1 - busy / (len(stages) * span)
+
+
+# ------------------------------------------------- running a schedule
+
+
+def run_pipeline(stage_mod: GPTStage, schedule: str, comm: Comm, x, y, n_micro: int,
+                 act_shape: tuple[int, ...]) -> dict:
+    """One training step (forward and backward of all micro-batches) of this stage.
+
+    ``x``, ``y``: the whole batch (only the first stage reads x, the last y);
+    ``act_shape``: (micro-batch, T, C), the activations between stages.
+    Returns the loss (last stage), timed compute events, and the largest number of
+    micro-batches whose activations were held at once.
+    """
+    s, p = comm.rank, comm.world_size
+    xs, ys = x.chunk(n_micro), y.chunk(n_micro)
+    inputs, outputs, sends, events = {}, {}, [], []
+    loss, peak = torch.zeros((), device=x.device), 0
+    dt = next(stage_mod.parameters()).dtype  # activations travel in the model dtype
+    for kind, mb in SCHEDULES[schedule](s, p, n_micro):
+        if kind == "F":
+            inp = xs[mb] if s == 0 else \
+                comm.recv(x.new_empty(act_shape, dtype=dt), s - 1)
+            inp.requires_grad_(s > 0)
+            start = time.perf_counter()
+            out = stage_mod(inp)
+            if s == p - 1:
+                out = lm_loss(out, ys[mb]) / n_micro  # the mean over micro-batches
+                loss += out.detach()
+            inputs[mb], outputs[mb] = inp, out
+            peak = max(peak, len(outputs))
+        else:
+            out, inp = outputs.pop(mb), inputs.pop(mb)
+            grad = None if s == p - 1 else comm.recv(out.new_empty(act_shape), s + 1)
+            start = time.perf_counter()
+            out.backward(grad)
+        events.append({"stage": s, "kind": kind, "mb": mb, "start": start,
+                       "end": time.perf_counter()})
+        if kind == "F" and s < p - 1:
+            sends.append(_isend(comm, out.detach(), s + 1))
+        if kind == "B" and s > 0:
+            sends.append(_isend(comm, inp.grad, s - 1))
+    for work in sends:
+        work.wait()
+    return {"loss": loss.item(), "events": events, "peak_in_flight": peak}
+
+
+def _isend(comm: Comm, t: torch.Tensor, dst: int):
+    comm.stats.record("send", t.numel() * t.element_size())
+    return dist.isend(t.contiguous(), dst=comm.global_rank(dst), group=comm.group)
+
+
+def sync_tied_grads(model: nn.Module, comm: Comm) -> None:
+    """The first and last stages share the embedding matrix: sum its two gradients."""
+    first_last = [0, comm.world_size - 1]
+    if comm.world_size == 2:
+        group = comm.group
+    elif comm.group is None:
+        group = dist.new_group(first_last)
+    else:
+        raise ValueError("with more than two stages in a subgroup, create the group of "
+                         "the first and last stages on every rank and all-reduce there")
+    if comm.rank in first_last:
+        w = model.tok_emb.weight
+        grad = w.grad if w.grad is not None else torch.zeros_like(w)
+        dist.all_reduce(grad, group=group)
+        w.grad = grad
+
+
+# ------------------------------------------------- the experiments the book runs
+
+
+def pipeline_worker(rank: int, world_size: int, model_fn, schedule: str, x, y,
+                    n_micro: int, seed: int = 0) -> dict:
+    """One step of ``schedule`` on this rank's stage; gradients named as in model."""
+    torch.manual_seed(seed)  # every rank builds the same model, keeps its stage
+    model = model_fn()
+    stage = GPTStage(model, rank, world_size)
+    comm = Comm()
+    act_shape = (x.shape[0] // n_micro, x.shape[1], model.config.n_embd)
+    dist.barrier()
+    out = run_pipeline(stage, schedule, comm, x, y, n_micro, act_shape)
+    out["stage_grads"] = {n: p.grad.clone() for n, p in stage.named_parameters()}
+    sync_tied_grads(model, comm)
+    mine = {id(p) for p in stage.parameters()}
+    out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()
+                    if id(p) in mine}
+    out["payload"] = dict(comm.stats.payload)
+    return out
+
+
+def torch_pipelining_worker(rank: int, world_size: int, model_fn, schedule: str, x, y,
+                            n_micro: int, seed: int = 0) -> dict:
+    """The same step with ``torch.distributed.pipelining`` (ScheduleGPipe/1F1B)."""
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    torch.manual_seed(seed)
+    model = model_fn()
+    stage_mod = GPTStage(model, rank, world_size)
+    stage = PipelineStage(stage_mod, rank, world_size, torch.device("cpu"))
+    cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
+    sched = cls(stage, n_microbatches=n_micro, loss_fn=lm_loss)
+    losses: list = []
+    if rank == 0:
+        sched.step(x)
+    elif rank == world_size - 1:
+        sched.step(target=y, losses=losses)
+    else:
+        sched.step()
+    grads = {n: p.grad.clone() for n, p in stage_mod.named_parameters()}
+    loss = sum(l.item() for l in losses) / n_micro if losses else 0.0
+    return {"loss": loss, "grads": grads}
+
+
+def pipeline_sweep(rank: int, world_size: int, model_fn, x, y, n_micro: int) -> dict:
+    """GPipe and 1F1B by hand, and 1F1B by torch.distributed.pipelining."""
+    out = {s: pipeline_worker(rank, world_size, model_fn, s, x, y, n_micro)
+           for s in ("gpipe", "1f1b")}
+    out["torch"] = torch_pipelining_worker(rank, world_size, model_fn, "1f1b", x, y,
+                                           n_micro)
+    return out
+
+
+def plot_schedule(events: list[dict], ax, title: str = "") -> None:
+    """A Gantt chart: one row per stage, forwards blue, backwards green, labelled by
+    micro-batch."""
+    t0 = min(e["start"] for e in events)
+    for e in events:
+        start, width = e["start"] - t0, e["end"] - e["start"]
+        color = "tab:blue" if e["kind"] == "F" else "tab:green"
+        ax.broken_barh([(start, width)], (e["stage"] - 0.4, 0.8), facecolors=color,
+                       edgecolor="white")
+        ax.text(start + width / 2, e["stage"], str(e["mb"]), ha="center",
+                va="center", color="white", fontsize=8)
+    ax.set_yticks(sorted({e["stage"] for e in events}))
+    ax.set_ylabel("stage")
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=9)
+
+
+def dp_pp_worker(rank: int, world_size: int, model_fn, x, y, n_micro: int,
+                 seed: int = 0) -> dict:
+    """Data x pipeline parallel on a (dp, 2) mesh: each row is a two-stage 1F1B
+    pipeline on its share of the batch; rows average their gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dp = world_size // 2
+    mesh = init_device_mesh("cpu", (dp, 2), mesh_dim_names=("dp", "pp"))
+    row, stage_idx = mesh.get_local_rank("dp"), mesh.get_local_rank("pp")
+    torch.manual_seed(seed)
+    model = model_fn()
+    stage = GPTStage(model, stage_idx, 2)
+    comm = Comm(mesh.get_group("pp"))
+    x, y = x.chunk(dp)[row], y.chunk(dp)[row]
+    act_shape = (x.shape[0] // n_micro, x.shape[1], model.config.n_embd)
+    run_pipeline(stage, "1f1b", comm, x, y, n_micro, act_shape)
+    sync_tied_grads(model, comm)
+    for p in stage.parameters():  # the data-parallel average, within this stage
+        dist.all_reduce(p.grad, group=mesh.get_group("dp"))
+        p.grad /= dp
+    mine = {id(p) for p in stage.parameters()}
+    return {"coords": (row, stage_idx),
+            "grads": {n: p.grad for n, p in model.named_parameters() if id(p) in mine}}

@@ -1,0 +1,38 @@
+"""The cost model's closed forms against counts taken from real objects."""
+
+import pytest
+
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel.costmodel import (Plan, bubble_fraction, estimate, gpt_params,
+                                        pp_payload, zero_state_bytes)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt_params_formula_counts_the_real_model(bias):
+    cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=3, n_head=2, n_embd=24,
+                    bias=bias)
+    assert gpt_params(37, 16, 3, 24, bias=bias) == GPT(cfg).num_params()
+
+
+def test_zero_memory_and_bubble():
+    assert zero_state_bytes(1000, 0, 8) == 16000
+    assert zero_state_bytes(1000, 3, 8) == 2000
+    assert bubble_fraction(4, 1) == 0.75
+    assert bubble_fraction(4, 12) == pytest.approx(0.2)
+    assert pp_payload(8, 4, 2, stage=0, n_stages=2) == {"send": 8 * 4 * 2 * 4}
+    with pytest.raises(ValueError, match="stage"):
+        zero_state_bytes(10, 4, 2)
+
+
+def test_estimate_shrinks_memory_with_sharding():
+    cfg = GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12,
+                    n_embd=768)
+    base = estimate(cfg, Plan(dp=8), batch=64, seq=1024)
+    z3 = estimate(cfg, Plan(dp=8, zero=3), batch=64, seq=1024)
+    hybrid = estimate(cfg, Plan(dp=2, tp=2, pp=2, micro_batches=8), batch=64, seq=1024)
+    assert z3["state_bytes"] == pytest.approx(base["state_bytes"] / 8)
+    assert hybrid["state_bytes"] == pytest.approx(base["state_bytes"] / 4, rel=1e-6)
+    assert hybrid["bubble"] == pytest.approx(1 / 9)
+    assert base["wire_bytes"]["tp"] == 0 and hybrid["wire_bytes"]["tp"] > 0
+    with pytest.raises(ValueError, match="zero"):
+        Plan(zero=5)

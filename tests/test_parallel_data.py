@@ -1,0 +1,74 @@
+"""Hand-written data parallelism equals one process on the full batch and DDP."""
+
+import functools
+
+import pytest
+import torch
+
+from llmcore.parallel import launch
+from llmcore.parallel.costmodel import dp_payload
+from llmcore.parallel.data_parallel import (TinyLM, make_buckets, max_abs_diff,
+                                            random_batches, train_single,
+                                            train_worker)
+
+MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)
+DATA = random_batches(steps=3, batch=8, seq=6, vocab=32)
+
+
+class WithUnused(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.unused = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def unused_parameter_is_reported():
+    from llmcore.parallel import BucketedDataParallel
+
+    dp = BucketedDataParallel(WithUnused())
+    dp(torch.ones(1, 2)).sum().backward()
+    try:
+        dp(torch.ones(1, 2))
+    except RuntimeError as err:
+        return str(err)
+    return ""
+
+
+def every_wrapper(rank, world_size):
+    runs = {"unused": unused_parameter_is_reported()}
+    runs.update({kind: train_worker(rank, world_size, MODEL, kind, DATA,
+                                    bucket_cap_mb=0.002)
+                 for kind in ("naive", "bucketed", "ddp")})
+    runs["accumulate"] = train_worker(rank, world_size, MODEL, "bucketed", DATA,
+                                      accumulate=2, bucket_cap_mb=0.002)
+    return runs
+
+
+def test_buckets_follow_backward_order_and_cap():
+    params = list(MODEL().parameters())
+    buckets = make_buckets(params, cap_bytes=4 * 600)
+    flat = [p for b in buckets for p in b.parameters()]
+    assert [id(p) for p in flat] == [id(p) for p in reversed(params)]
+    assert len(buckets) > 1 and buckets[-1].is_last() and not buckets[0].is_last()
+    for b in buckets:
+        assert b.buffer().numel() == sum(p.numel() for p in b.parameters())
+        assert [g.shape for g in b.gradients()] == [p.shape for p in b.parameters()]
+
+
+@pytest.mark.distributed
+def test_data_parallel_matches_single_process_and_ddp():
+    ref = train_single(MODEL, DATA)
+    ranks = launch(every_wrapper, 2)
+    assert "2 of 4 parameters received a gradient" in ranks[0].pop("unused")
+    ranks[1].pop("unused")
+    for kind, run in ranks[0].items():
+        assert max_abs_diff(run["state"], ref["state"]) < 1e-5, kind
+        assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) < 1e-5
+        # the replicas stay identical
+        assert max_abs_diff(run["state"], ranks[1][kind]["state"]) == 0.0, kind
+    n_params = sum(p.numel() for p in MODEL().parameters())
+    per_step = dp_payload(n_params, grad_bytes=4)["all_reduce"]  # the cost model
+    for kind in ("naive", "bucketed", "accumulate"):  # no_sync: one sync per step
+        assert ranks[0][kind]["bytes_sent"] == 3 * per_step, kind

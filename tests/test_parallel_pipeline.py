@@ -1,0 +1,79 @@
+"""Pipeline schedules: the gradients of one device, torch.distributed.pipelining's
+gradients, the bubble formula, and 1F1B's smaller activation footprint."""
+
+import functools
+
+import pytest
+import torch
+
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel import launch
+from llmcore.parallel.costmodel import bubble_fraction, pp_payload
+from llmcore.parallel.pipeline import (bubble, gpipe, one_f_one_b, pipeline_worker,
+                                       simulate, torch_pipelining_worker)
+
+CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
+MODEL = functools.partial(GPT, CFG)
+X = torch.randint(32, (8, 8), generator=torch.Generator().manual_seed(1))
+Y = torch.randint(32, (8, 8), generator=torch.Generator().manual_seed(2))
+
+
+def both_schedules(rank, world_size):
+    out = {s: pipeline_worker(rank, world_size, MODEL, s, X, Y, n_micro=4)
+           for s in ("gpipe", "1f1b")}
+    out["torch"] = torch_pipelining_worker(rank, world_size, MODEL, "1f1b", X, Y, 4)
+    return out
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (3, 2)])
+def test_schedules_run_every_microbatch_once_and_bubble_matches(p, m):
+    for sched in (gpipe, one_f_one_b):
+        for s in range(p):
+            plan = sched(s, p, m)
+            assert sorted(plan) == sorted([("F", i) for i in range(m)] +
+                                          [("B", i) for i in range(m)])
+            assert all(plan.index(("F", i)) < plan.index(("B", i)) for i in range(m))
+    for name in ("gpipe", "1f1b"):
+        assert bubble(simulate(name, p, m)) == pytest.approx(bubble_fraction(p, m))
+
+
+@pytest.mark.distributed
+def test_pipeline_matches_single_device_and_torch():
+    torch.manual_seed(0)
+    model = MODEL()
+    _, loss = model(X, Y)
+    loss.backward()
+    ranks = launch(both_schedules, 2)
+    for sched in ("gpipe", "1f1b"):
+        assert abs(ranks[1][sched]["loss"] - loss.item()) < 1e-5
+        grads = {**ranks[0][sched]["grads"], **ranks[1][sched]["grads"]}
+        assert sorted(grads) == sorted(n for n, _ in model.named_parameters())
+        for n, p in model.named_parameters():
+            assert (grads[n] - p.grad).abs().max() < 1e-5, (sched, n)
+        for s in (0, 1):
+            pred = pp_payload(8, 8, 16, stage=s, n_stages=2)
+            assert ranks[s][sched]["payload"] == pytest.approx(pred)
+    # activations held at once: GPipe all 4 micro-batches, 1F1B at most p - s
+    assert [r["gpipe"]["peak_in_flight"] for r in ranks] == [4, 4]
+    assert [r["1f1b"]["peak_in_flight"] for r in ranks] == [2, 1]
+    # torch.distributed.pipelining's 1F1B computes the same gradients
+    assert abs(ranks[1]["torch"]["loss"] - loss.item()) < 1e-5
+    for r in ranks:
+        for n, g in r["torch"]["grads"].items():
+            assert (g - r["1f1b"]["stage_grads"][n]).abs().max() < 1e-5, n
+
+
+@pytest.mark.distributed
+def test_data_times_pipeline_parallel_on_four_ranks():
+    from llmcore.parallel.pipeline import dp_pp_worker
+
+    torch.manual_seed(0)
+    model = MODEL()
+    model(X, Y)[1].backward()
+    ranks = launch(dp_pp_worker, 4, MODEL, X, Y, 2)
+    assert [r["coords"] for r in ranks] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for row in (ranks[:2], ranks[2:]):
+        grads = {**row[0]["grads"], **row[1]["grads"]}
+        assert sorted(grads) == sorted(n for n, _ in model.named_parameters())
+        for n, p in model.named_parameters():
+            assert (grads[n] - p.grad).abs().max() < 1e-5, n

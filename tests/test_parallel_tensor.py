@@ -1,0 +1,126 @@
+"""Tensor parallelism: the split GPT computes the loss and every gradient of the whole
+one; the layers match DTensor's ColwiseParallel / RowwiseParallel."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel import launch
+from llmcore.parallel.comm import Comm
+from llmcore.parallel.costmodel import tp_payload
+from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
+                                              VocabParallelEmbedding,
+                                              apply_tensor_parallel, column_from,
+                                              full_tensors, row_from)
+
+pytestmark = pytest.mark.distributed
+CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
+
+
+def gpt_parity(rank, world_size):
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(32, (3, 8), generator=torch.Generator().manual_seed(2))
+    tp = apply_tensor_parallel(copy.deepcopy(model), None)
+    assert tp.blocks[0].ffn.linear1.weight.shape == (4 * 16 // world_size, 16)
+    assert tp.blocks[0].ffn.linear2.weight.shape == (16, 4 * 16 // world_size)
+    _, loss = model(idx, tgt)
+    loss.backward()
+    tp.tp_comm.stats.reset()
+    _, tp_loss = tp(idx, tgt)
+    tp_loss.backward()
+    payload = dict(tp.tp_comm.stats.payload)  # one training step
+    grads = full_tensors(tp, grad=True)
+    weights = full_tensors(tp, grad=False)
+    ref = dict(model.named_parameters())
+    return {"loss": (loss.item(), tp_loss.item()),
+            "grad": max((grads[n] - p.grad).abs().max().item() for n, p in ref.items()),
+            "weight": max((weights[n] - p).abs().max().item() for n, p in ref.items()),
+            "names": sorted(grads) == sorted(ref),
+            "payload": payload}
+
+
+def layers_vs_dtensor(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 12), nn.GELU(), nn.Linear(12, 6))
+    x = torch.randn(5, 8)
+    comm = Comm()
+    mine = nn.Sequential(column_from(mlp[0], comm), nn.GELU(), row_from(mlp[2], comm))
+    mesh = init_device_mesh("cpu", (world_size,))
+    theirs = parallelize_module(copy.deepcopy(mlp), mesh,
+                                {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    y_mine, y_theirs, y_ref = mine(x), theirs(x), mlp(x)
+    (y_mine ** 2).sum().backward()
+    (y_theirs ** 2).sum().backward()
+    diff = [(y_mine - y_theirs).abs().max(), (y_mine - y_ref).abs().max()]
+    for a, b in [(mine[0], theirs[0]), (mine[2], theirs[2])]:
+        for name in ("weight", "bias"):
+            pa, pb = getattr(a, name), getattr(b, name)
+            diff.append((pa.grad - pb.grad.to_local()).abs().max())
+            diff.append((pa - pb.to_local()).abs().max())
+    # the other layouts: gathered column output, row layer fed the whole input
+    col = column_from(mlp[0], comm, gather_output=True)
+    row = RowParallelLinear(12, 6, input_is_parallel=False, comm=comm)
+    row.weight.data.copy_(mlp[2].weight.chunk(world_size, 1)[rank])
+    row.bias.data.copy_(mlp[2].bias)
+    diff.append((row(col(x)) - mlp[2](mlp[0](x))).abs().max())
+    emb = nn.Embedding(10, 4)
+    vemb = VocabParallelEmbedding(10, 4, comm=comm)
+    vemb.weight.data.copy_(emb.weight.chunk(world_size)[rank])
+    ids = torch.randint(10, (3, 5))
+    diff.append((vemb(ids) - emb(ids)).abs().max())
+    return max(d.item() for d in diff)
+
+
+def odd_column():
+    try:
+        ColumnParallelLinear(4, 3)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def every_check(rank, world_size):
+    return {"gpt": gpt_parity(rank, world_size),
+            "dtensor": layers_vs_dtensor(rank, world_size),
+            "odd": odd_column()}
+
+
+@pytest.fixture(scope="module")
+def two_ranks():
+    return launch(every_check, 2)
+
+
+def test_sizes_must_divide(two_ranks):
+    assert "out_features=3 must be divisible" in two_ranks[0]["odd"]
+
+
+def test_gpt_tensor_parallel_matches_single_device(two_ranks):
+    r0, r1 = (r["gpt"] for r in two_ranks)
+    for r in (r0, r1):
+        assert abs(r["loss"][0] - r["loss"][1]) < 1e-5
+        assert r["names"] and r["grad"] < 1e-5 and r["weight"] == 0.0
+    pred = tp_payload(3, 8, CFG.n_embd, CFG.n_layer, CFG.vocab_size, act_bytes=4)
+    assert r0["payload"] == pytest.approx(pred)
+
+
+def test_layers_match_dtensor(two_ranks):
+    assert max(r["dtensor"] for r in two_ranks) < 1e-5
+
+
+def test_hybrid_data_times_tensor_parallel_on_four_ranks():
+    from llmcore.parallel.tensor_parallel import hybrid_worker
+
+    x = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(3))
+    y = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(4))
+    out = launch(hybrid_worker, 4, CFG, x, y)
+    assert [o["coords"] for o in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert max(o["grad_gap"] for o in out) < 1e-5
