@@ -1,0 +1,144 @@
+"""Dynamic loss scaling for fp16 training, with ``torch.amp.GradScaler``'s interface.
+
+fp16 flushes magnitudes below about 6e-8 to zero, and many gradients are that small.
+Multiplying the loss by a large factor S shifts every gradient up by S (the chain rule
+is linear), out of the underflow zone; the optimizer then sees the gradients divided
+by S again, in fp32. S is chosen on the fly: halve it and skip the step whenever a
+gradient overflowed to inf/NaN, double it after ``growth_interval`` clean steps in a
+row (Micikevicius et al., 2018, "Mixed Precision Training").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LossScaler:
+    """A hand-written ``torch.amp.GradScaler``: same arguments, methods and decisions.
+
+    Use it as ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``,
+    optionally with ``scaler.unscale_(opt)`` before ``step`` to clip gradients.
+    """
+
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000,
+                 enabled: bool = True):
+        if not init_scale > 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        if not growth_factor > 1.0:
+            raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
+        if not 0.0 < backoff_factor < 1.0:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor}")
+        if not (isinstance(growth_interval, int) and growth_interval > 0):
+            raise ValueError(f"growth_interval must be a positive int, "
+                             f"got {growth_interval!r}")
+        # fp32, like GradScaler's scale tensor, so both round the same way.
+        self._scale = torch.tensor(float(init_scale), dtype=torch.float32)
+        self._growth_factor = growth_factor
+        self._backoff_factor = backoff_factor
+        self._growth_interval = growth_interval
+        self._growth_tracker = 0  # clean steps since the last change of scale
+        self._enabled = enabled
+        self._found_inf: dict[int, bool] = {}  # per optimizer, since the last update
+
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def get_scale(self) -> float:
+        return self._scale.item() if self._enabled else 1.0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss * S``: call ``.backward()`` on the result."""
+        if not self._enabled:
+            return loss
+        return loss * self._scale.to(device=loss.device, dtype=loss.dtype)
+
+    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the gradients of ``optimizer``'s parameters by S, in place, and note
+        whether any of them is inf or NaN. At most once per optimizer per ``update``."""
+        if not self._enabled:
+            return
+        if id(optimizer) in self._found_inf:
+            raise RuntimeError("unscale_() has already been called on this optimizer "
+                               "since the last update()")
+        # GradScaler computes 1/S in float64 and rounds it to fp32; so do we.
+        inv_scale = self._scale.double().reciprocal().float()
+        found_inf = False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.dtype == torch.float16:
+                    raise ValueError("unscale_: a parameter has an fp16 gradient; keep "
+                                     "fp32 master weights (autocast does) and scale "
+                                     "only the loss")
+                found_inf |= not bool(torch.isfinite(p.grad).all())
+                p.grad.mul_(inv_scale.to(p.grad.device))
+        self._found_inf[id(optimizer)] = found_inf
+
+    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
+        """``optimizer.step()`` unless a gradient was inf/NaN; then the step is skipped
+        and None returned."""
+        if not self._enabled:
+            return optimizer.step(*args, **kwargs)
+        if id(optimizer) not in self._found_inf:
+            self.unscale_(optimizer)
+        if self._found_inf[id(optimizer)]:
+            return None
+        return optimizer.step(*args, **kwargs)
+
+    def update(self, new_scale: float | None = None) -> None:
+        """Back off after an overflow, grow after ``growth_interval`` clean steps."""
+        if not self._enabled:
+            return
+        if new_scale is not None:
+            self._scale.fill_(float(new_scale))
+        elif not self._found_inf:
+            raise RuntimeError("update(): no inf checks were recorded; call step() or "
+                               "unscale_() on an optimizer first")
+        elif any(self._found_inf.values()):
+            self._scale.mul_(self._backoff_factor)
+            self._growth_tracker = 0
+        else:
+            self._growth_tracker += 1
+            if self._growth_tracker == self._growth_interval:
+                grown = self._scale * self._growth_factor
+                if torch.isfinite(grown):  # never grow into inf
+                    self._scale = grown
+                self._growth_tracker = 0
+        self._found_inf = {}
+
+    def state_dict(self) -> dict:
+        if not self._enabled:
+            return {}
+        return {"scale": self.get_scale(), "growth_factor": self._growth_factor,
+                "backoff_factor": self._backoff_factor,
+                "growth_interval": self._growth_interval,
+                "_growth_tracker": self._growth_tracker}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not self._enabled:
+            return
+        if not state:
+            raise RuntimeError("load_state_dict: the state is empty; it came from a "
+                               "disabled scaler")
+        self._scale = torch.tensor(float(state["scale"]), dtype=torch.float32)
+        self._growth_factor = state["growth_factor"]
+        self._backoff_factor = state["backoff_factor"]
+        self._growth_interval = state["growth_interval"]
+        self._growth_tracker = state["_growth_tracker"]
+
+
+def underflow_fraction(tensors, dtype: torch.dtype = torch.float16,
+                       scale: float = 1.0) -> float:
+    """The fraction of the nonzero entries of ``tensors`` that become 0 when
+    ``x * scale`` is cast to ``dtype``: the gradient signal fp16 would lose."""
+    nonzero = lost = 0
+    for t in tensors:
+        x = t.detach().float().flatten()
+        x = x[x != 0]
+        nonzero += x.numel()
+        lost += int(((x * scale).to(dtype) == 0).sum())
+    if nonzero == 0:
+        raise ValueError("tensors hold no nonzero entries")
+    return lost / nonzero

@@ -1,0 +1,61 @@
+"""The FP8 benchmark's CPU-runnable parts: arguments, refusal, dry run, JSON."""
+
+import json
+
+import pytest
+import torch
+
+from llmcore.bench import fp8 as bench
+from llmcore.bench.__main__ import main as bench_main
+
+
+def test_parse_args_defaults_and_errors():
+    args = bench.parse_args(["--out", "x.json", "--dry-run", "--steps", "4"])
+    assert args.out == "x.json" and args.dry_run and args.steps == 4
+    assert not bench.parse_args([]).skip_e2e
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "0"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--bogus"])
+
+
+def test_gpu_slug():
+    assert bench.gpu_slug("NVIDIA H200") == "h200"
+    assert bench.gpu_slug("NVIDIA GeForce RTX 4090") == "rtx-4090"
+    assert bench.gpu_slug("") == "gpu"
+
+
+def test_refuses_without_fp8_gpu(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "r.json"
+    assert bench_main(["fp8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "compute capability >= 8.9" in err and "--dry-run" in err
+    assert not out.exists()
+    assert bench.check_hardware(dry_run=True) is None
+
+
+def test_refuses_old_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
+    assert "8.0 < 8.9" in bench.check_hardware(dry_run=False)
+
+
+def test_dry_run_writes_json(tmp_path, capsys):
+    out = tmp_path / "sub" / "fp8.json"
+    assert bench.main(["--dry-run", "--out", str(out), "--steps", "2",
+                       "--iters", "1"]) == 0
+    d = json.loads(out.read_text())
+    assert d["dry_run"] is True and d["torch"] == torch.__version__
+    assert d["gpu"].startswith("none") and d["date"][:2] == "20"
+    assert len(d["matmul"]) == len(bench.DRY_SIZES)
+    row = d["matmul"][0]
+    for key in ("bf16_tflops", "fp8_tensorwise_tflops", "fp8_rowwise_tflops"):
+        assert row[key] > 0
+    (e2e,) = d["e2e"]
+    assert e2e["bf16"]["params"] == e2e["fp8"]["params"] > 0
+    assert len(e2e["fp8"]["loss"]) == 2
+    # Same data and seed: FP8 starts from the same loss as bf16, within FP8 error.
+    assert abs(e2e["fp8"]["loss"][0] / e2e["bf16"]["loss"][0] - 1) < 0.01
+    assert "Float8Linear" in capsys.readouterr().out
+    assert not list(out.parent.glob("*.tmp"))  # the atomic write cleaned up

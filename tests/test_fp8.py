@@ -1,0 +1,178 @@
+"""FP8: scaled casts, delayed scaling, Float8Linear against float64 and _scaled_mm."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmcore.precision.formats import E4M3, E5M2, round_to_format
+from llmcore.precision.fp8 import (AmaxHistory, Float8Linear, convert_to_float8,
+                                   dequantize, fp8_backend, quantize, scaled_matmul)
+
+E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize("dtype,fmt", [(E4, E4M3), (E5, E5M2)])
+def test_tensorwise_roundtrip_error_bound(dtype, fmt):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=gen) * torch.logspace(-3, 2, 64)
+    x8, scale = quantize(x, dtype)
+    assert x8.dtype == dtype and scale.dim() == 0
+    assert x8.float().abs().max() == fmt.max  # amax lands on the largest value
+    err = (dequantize(x8, scale) - x).abs()
+    # Half an ulp: relative 2**-(m+1) for normals, half the subnormal step below.
+    bound = torch.maximum(x.abs() * 2.0 ** -(fmt.man_bits + 1),
+                          torch.tensor(fmt.min_subnormal / 2) / scale)
+    assert bool((err <= bound * (1 + 1e-6)).all())
+    # The cast is exactly the saturating round-to-nearest-even of x * scale.
+    assert torch.equal(x8.double(), round_to_format(x * scale, fmt, saturate=True))
+
+
+def test_rowwise_scales_each_row():
+    x = torch.randn(8, 32) * torch.logspace(-4, 4, 8)[:, None]
+    x8, scale = quantize(x, E4, "rowwise")
+    assert scale.shape == (8, 1)
+    assert torch.equal(x8.float().abs().amax(dim=1), torch.full((8,), 448.0))
+    # Per-row scales keep small rows accurate where one tensor scale cannot.
+    err_row = rel(dequantize(x8, scale)[0], x[0])
+    x8t, st = quantize(x, E4, "tensorwise")
+    err_tensor = rel(dequantize(x8t, st)[0], x[0])
+    assert err_row < 0.05 < err_tensor
+
+
+def test_given_scale_saturates_instead_of_overflowing():
+    x = torch.tensor([1.0, 100.0, -1e4])
+    x8, _ = quantize(x, E5, scale=torch.tensor(100.0))
+    assert x8.float().tolist() == [96.0, 10240.0, -57344.0]  # no inf
+    assert not x.to(E5).float().isinf().any() and (x * 100).to(E5).float().isinf().any()
+
+
+def test_delayed_scaling_uses_past_amax():
+    h = AmaxHistory(length=3)
+    s1 = h.scale(torch.tensor([2.0]), E4)
+    assert s1 == 448 / 2  # first step: nothing recorded, use the tensor itself
+    s2 = h.scale(torch.tensor([8.0]), E4)
+    assert s2 == 448 / 2  # the scale is fixed before this tensor is seen
+    h.scale(torch.tensor([1.0]), E4)
+    assert h.scale(torch.tensor([1.0]), E4) == 448 / 8
+    h.scale(torch.tensor([1.0]), E4)
+    assert h.scale(torch.tensor([1.0]), E4) == 448 / 1  # the 8 left the window
+    with pytest.raises(ValueError, match="length"):
+        AmaxHistory(0)
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise", "delayed"])
+def test_float8_linear_close_to_float64(scaling):
+    torch.manual_seed(0)
+    ref = nn.Linear(64, 32).double()
+    f8 = Float8Linear(64, 32, scaling=scaling)
+    with torch.no_grad():
+        f8.weight.copy_(ref.weight)
+        f8.bias.copy_(ref.bias)
+    x, g = torch.randn(4, 16, 64), torch.randn(4, 16, 32)
+    x64 = x.double().requires_grad_()
+    ref(x64).backward(g.double())
+    xq = x.clone().requires_grad_()
+    y = f8(xq)
+    y.backward(g)
+    assert y.shape == (4, 16, 32) and y.dtype == torch.float32
+    # Stated tolerances: e4m3 forward within 6%, e5m2 gradients within 10% (relative
+    # Frobenius error); above 1%, so the layer really quantizes.
+    assert 0.01 < rel(y, ref(x64)) < 0.06
+    assert 0.01 < rel(xq.grad, x64.grad) < 0.10
+    assert 0.01 < rel(f8.weight.grad, ref.weight.grad) < 0.10
+    torch.testing.assert_close(f8.bias.grad, ref.bias.grad.float())
+
+
+def test_forward_is_exactly_the_fp8_product():
+    """Same numerics as the kernel: the float64 product of the quantized operands."""
+    torch.manual_seed(1)
+    f8 = Float8Linear(48, 32, bias=False)
+    x = torch.randn(20, 48)
+    xq, sx = quantize(x, E4)
+    wq, sw = quantize(f8.weight.detach(), E4)
+    expect = (xq.double() / sx.double()) @ (wq.double() / sw.double()).t()
+    torch.testing.assert_close(f8(x).double(), expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "rowwise"])
+@pytest.mark.parametrize("b_dtype", [E4, E5])
+def test_emulation_matches_scaled_mm(scaling, b_dtype):
+    """torch._scaled_mm runs on the CPU too: the emulation must agree with it."""
+    gen = torch.Generator().manual_seed(2)
+    a, b = torch.randn(32, 64, generator=gen), torch.randn(48, 64, generator=gen)
+    args = (a, b, E4, b_dtype, scaling, torch.float32)
+    torch.testing.assert_close(scaled_matmul(*args, "emulate"),
+                               scaled_matmul(*args, "scaled_mm"), rtol=1e-5, atol=1e-4)
+
+
+def test_float8_linear_backends_agree_with_gradients():
+    torch.manual_seed(3)
+    emu = Float8Linear(64, 32, backend="emulate")
+    real = Float8Linear(64, 32, backend="scaled_mm")
+    real.load_state_dict(emu.state_dict())
+    x = torch.randn(16, 64)
+    outs = []
+    for m in (emu, real):
+        xi = x.clone().requires_grad_()
+        m(xi).square().sum().backward()
+        outs.append((m(x), xi.grad, m.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    assert fp8_backend("cpu")[0] == "emulate"
+
+
+def test_autocast_bf16_output():
+    f8 = Float8Linear(32, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f8(torch.randn(4, 32))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert f8.weight.grad.dtype == torch.float32  # master weights stay fp32
+
+
+def test_convert_to_float8(capsys):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64),
+                          nn.Linear(64, 10))
+    x = torch.randn(8, 32)
+    y_ref = model(x)
+    w0 = model[0].weight
+    out = convert_to_float8(model, module_filter_fn=lambda m, fqn: fqn != "2")
+    assert out is model
+    assert isinstance(model[0], Float8Linear) and model[0].weight is w0
+    assert type(model[2]) is nn.Linear  # filtered out
+    assert type(model[3]) is nn.Linear  # 10 outputs: not a multiple of 16
+    line = capsys.readouterr().out
+    assert "1 Linear -> Float8Linear" in line and "emulate" in line
+    # It really quantizes: close to, but not equal to, the fp32 model.
+    assert 1e-3 < rel(model(x), y_ref) < 0.06
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="dtype="):
+        quantize(torch.randn(3), torch.float16)
+    with pytest.raises(ValueError, match="x must be"):
+        quantize(torch.arange(3))
+    with pytest.raises(ValueError, match="scaling="):
+        quantize(torch.randn(3), scaling="blockwise")
+    with pytest.raises(ValueError, match="scaling="):
+        Float8Linear(16, 16, scaling="none")
+    with pytest.raises(ValueError, match="divisible by 16"):
+        scaled_matmul(torch.randn(4, 20), torch.randn(16, 20), E4, E4, "tensorwise",
+                      torch.float32, "scaled_mm")
+
+
+def test_delayed_from_linear_keeps_history_and_refuses_bare_linear():
+    lin = nn.Linear(32, 16)
+    f8 = Float8Linear.from_linear(lin, scaling="delayed")
+    assert f8.weight is lin.weight
+    assert f8.hist_x.history.device.type == "cpu" and int(f8.hist_x.seen) == 0
+    f8(torch.randn(4, 32)).sum().backward()
+    assert int(f8.hist_x.seen) == 1 and int(f8.hist_g.seen) == 1
+    assert f8.hist_w.history[0] == lin.weight.detach().abs().max()
+    with pytest.raises(ValueError, match="wrap it"):
+        convert_to_float8(nn.Linear(16, 16), quiet=True)
