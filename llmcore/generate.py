@@ -1,0 +1,112 @@
+"""Autoregressive text generation: sampling strategies and the KV cache.
+
+A decoder predicts a distribution over the next token; generation appends one token
+and repeats. The strategies differ in how a token is drawn from ``softmax(logits)``:
+greedy takes the argmax (``temperature=0``); temperature ``t`` samples from
+``softmax(logits / t)`` (sharper below 1, flatter above); top-k samples among the
+``k`` likeliest tokens only (Fan et al. 2018); top-p, or nucleus, sampling among the
+smallest set whose probability reaches ``p`` (Holtzman et al., "The Curious Case of
+Neural Text Degeneration", 2020). Filters apply in that order: temperature, top-k,
+top-p.
+
+The KV cache keeps each layer's keys and values of the tokens already processed, so
+each new token costs one position's work instead of re-running the whole prefix.
+Once the sequence outgrows the context (``block_size``) a model with learned absolute
+positions must re-read the last ``block_size`` tokens at shifted positions; from there
+on each step runs the full window, exactly as the uncached path does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def filter_top_k(logits: Tensor, k: int) -> Tensor:
+    """Logits with everything below the k-th largest of each row set to -inf."""
+    k = min(k, logits.size(-1))
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: Tensor, p: float) -> Tensor:
+    """Logits outside the nucleus (the likeliest tokens with total probability >= p)
+    set to -inf; the likeliest token always stays."""
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs  # probability mass ahead of each token
+    drop_sorted = before >= p  # the nucleus ends where the mass ahead already reaches p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """One token id per row of ``logits`` (B, V) -> (B, 1)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = filter_top_k(logits, top_k)
+    if top_p is not None:
+        logits = filter_top_p(logits, top_p)
+    probs = torch.softmax(logits, dim=-1)
+    device = generator.device if generator is not None else probs.device
+    # Sample on the generator's device so a seeded CPU generator gives the same tokens
+    # whatever device the model runs on.
+    return torch.multinomial(probs.to(device), 1, generator=generator).to(logits.device)
+
+
+def _check(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float,
+           top_k: int | None, top_p: float | None, use_cache: bool) -> int:
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if block_size is None:
+        raise ValueError("model must have config.block_size (its context length)")
+    if idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
+        raise ValueError(f"idx must be integer token ids (B, T) with T >= 1, got shape "
+                         f"{tuple(idx.shape)} and dtype {idx.dtype}")
+    if idx.shape[1] > block_size:
+        raise ValueError(f"the prompt has {idx.shape[1]} tokens but the model's "
+                         f"context is block_size={block_size}; shorten the prompt, "
+                         f"e.g. idx[:, -{block_size}:]")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
+    if use_cache and not hasattr(model, "new_kv_caches"):
+        raise ValueError(f"{type(model).__name__} has no new_kv_caches(); pass "
+                         "use_cache=False")
+    return block_size
+
+
+@torch.no_grad()
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, use_cache: bool = True,
+             generator: torch.Generator | None = None) -> Tensor:
+    """Extend ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new).
+
+    ``model(idx, kv_caches=...)`` must return ``(logits, _)`` as ``GPT`` does.
+    ``temperature=0`` is greedy decoding; ``generator`` makes sampling reproducible.
+    """
+    block_size = _check(model, idx, max_new_tokens, temperature, top_k, top_p,
+                        use_cache)
+    was_training = model.training
+    model.eval()
+    caches = model.new_kv_caches() if use_cache else None
+    out, fresh = idx, idx  # fresh: the tokens the caches have not seen yet
+    for _ in range(max_new_tokens):
+        if caches is not None and out.shape[1] <= block_size:
+            logits, _ = model(fresh, kv_caches=caches)  # (B, len(fresh), V)
+        else:
+            logits, _ = model(out[:, -block_size:])  # re-read the whole window
+        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+        out = torch.cat([out, nxt.to(out.dtype)], dim=1)
+        fresh = nxt
+    model.train(was_training)
+    return out

@@ -1,0 +1,124 @@
+"""A decoder-only Transformer language model in the style of GPT-2.
+
+Radford et al., "Language Models are Unsupervised Multitask Learners" (2019): token and
+learned position embeddings, a stack of pre-LN blocks (causal self-attention + GELU
+feed-forward), a final LayerNorm, and an output layer that shares its weights with the
+token embedding (Press & Wolf, "Using the Output Embedding to Improve Language Models",
+2017). The blocks are ``llmcore.nn.EncoderBlock`` with ``norm_first=True`` and
+``is_causal=True``; attention runs on PyTorch's fused SDPA kernel unless
+``use_sdpa=False`` asks for the hand-written one.
+
+Initialisation follows GPT-2: every weight from N(0, 0.02), biases zero, and the two
+projections that write into the residual stream (attention output, second FFN layer)
+scaled by 1/sqrt(2 n_layer), so that the residual's variance does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmcore.config import check_positive
+from llmcore.nn import EncoderBlock, KVCache, LayerNorm, LearnedPositionalEmbedding
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT; ``GPTConfig(65, 64, 4, 4, 128)``: the CPU-tier char model."""
+
+    vocab_size: int  # V: number of token ids
+    block_size: int  # the context: the longest sequence the model reads
+    n_layer: int  # number of Transformer blocks
+    n_head: int  # nh: attention heads per block
+    n_embd: int  # C: model width; head size hs = C // nh
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches
+    bias: bool = True  # biases in linear layers and LayerNorms (False: a bit faster)
+    use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
+
+    def __post_init__(self):
+        check_positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be a multiple of "
+                             f"n_head={self.n_head}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+class GPT(nn.Module):
+    """``forward(idx, targets=None) -> (logits, loss)``; logits (B, T, V)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.pos_emb = LearnedPositionalEmbedding(c.block_size, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            EncoderBlock(c.n_embd, c.n_head, 4 * c.n_embd, c.dropout, activation="gelu",
+                         norm_first=True, bias=c.bias, use_sdpa=c.use_sdpa)
+            for _ in range(c.n_layer))
+        self.ln_f = LayerNorm(c.n_embd, bias=c.bias)
+        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * c.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.self_attn.out_proj.weight, 0.0, residual_std)
+            nn.init.normal_(block.ffn.linear2.weight, 0.0, residual_std)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.Embedding, LearnedPositionalEmbedding)):
+            nn.init.normal_(module.weight, 0.0, 0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, each shared tensor counted once.
+
+        ``non_embedding=True`` leaves out the position table, the count used for
+        ``6N`` FLOPs: the token embedding stays in because the output layer, a real
+        matmul, uses the same matrix.
+        """
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def new_kv_caches(self) -> list[KVCache]:
+        """One empty cache per block, for :func:`llmcore.generate.generate`."""
+        return [KVCache(max_len=self.config.block_size) for _ in self.blocks]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                kv_caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits for every position of ``idx`` (B, T), and the mean cross-entropy
+        against ``targets`` (B, T) if given (-100 marks a position to ignore).
+
+        With ``kv_caches`` (from :meth:`new_kv_caches`) ``idx`` continues the sequence
+        the caches hold: positions start at their length and keys/values are appended.
+        """
+        if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"idx must be an int64 tensor (B, T), got "
+                             f"{tuple(idx.shape)} {idx.dtype}")
+        past = len(kv_caches[0]) if kv_caches is not None else 0
+        if past + idx.shape[1] > self.config.block_size:
+            raise ValueError(f"idx has {idx.shape[1]} positions (+{past} cached), more "
+                             f"than block_size={self.config.block_size}; crop it to "
+                             f"idx[:, -{self.config.block_size}:]")
+        if targets is not None and targets.shape != idx.shape:
+            raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
+                             f"got {tuple(targets.shape)}")
+        x = self.drop(self.pos_emb(self.tok_emb(idx), offset=past))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            cache = kv_caches[i] if kv_caches is not None else None
+            x = block(x, is_causal=True, kv_cache=cache)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)),
+                                   targets.reshape(-1), ignore_index=-100)
+        return logits, loss
