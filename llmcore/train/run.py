@@ -1,0 +1,181 @@
+"""Named training runs: a GPT preset on a corpus, trained by :func:`llmcore.train.train`.
+
+The run is built in three steps: the data (:func:`build_data`), the model
+(:func:`build_model`), then :func:`prepare_model`, which moves the model to its device
+or, with ``parallel`` set (under ``torchrun``), wraps it in one of PyTorch's engines
+(DDP, FSDP2, DTensor tensor parallel; see ``llmcore.parallel.native``). The command
+line is ``python -m llmcore.train`` (``llmcore/train/__main__.py``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmcore.config import Tiered
+from llmcore.data import get_batch, load_corpus, split_tokens
+from llmcore.generate import generate
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.runtime import Runtime, device_name
+from llmcore.tokenizer import CharTokenizer
+from llmcore.train.checkpoint import save_checkpoint
+from llmcore.train.loop import History, TrainConfig, train
+
+PARALLEL = ("none", "ddp", "fsdp", "tp")
+
+
+@dataclass(frozen=True)
+class RunPreset:
+    """A GPT on a corpus: the model's shape, the batch, and how to train it."""
+
+    corpus: str  # a name for llmcore.data.load_corpus
+    n_layer: int  # GPT blocks
+    n_head: int  # attention heads
+    n_embd: int  # model width
+    block_size: int  # context length (tokens)
+    batch_size: int  # sequences per micro-batch
+    dropout: float = 0.0
+    train: TrainConfig = field(default_factory=TrainConfig)
+    val_fraction: float = 0.1  # the last 10% of the corpus is validation data
+
+
+PRESETS: dict[str, Tiered[RunPreset]] = {
+    # CPU: the book's target, validation loss <= 1.9 within 2,000 steps (nanoGPT's CPU
+    # recipe, a higher learning rate). GPU: nanoGPT's shakespeare-char model.
+    "shakespeare-char": Tiered(
+        cpu=RunPreset("shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=64,
+                      batch_size=12, train=TrainConfig(
+                          max_steps=2000, lr=2e-3, warmup_steps=100, betas=(0.9, 0.99),
+                          eval_interval=250, eval_steps=20, ckpt_interval=500)),
+        gpu=RunPreset("shakespeare", n_layer=6, n_head=6, n_embd=384, block_size=256,
+                      batch_size=64, dropout=0.2, train=TrainConfig(
+                          max_steps=5000, lr=1e-3, warmup_steps=100, betas=(0.9, 0.99),
+                          eval_interval=250, eval_steps=200, precision="bf16",
+                          ckpt_interval=1000)),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A tokenized corpus split for training."""
+
+    tokenizer: CharTokenizer
+    train: torch.Tensor  # 1-D token ids
+    val: torch.Tensor
+
+
+def build_data(preset: RunPreset) -> RunData:
+    text = load_corpus(preset.corpus)
+    tok = CharTokenizer.train(text)
+    ids = torch.from_numpy(np.array(tok.encode(text), dtype=np.int64))
+    train_ids, val_ids = split_tokens(ids, preset.val_fraction)
+    return RunData(tok, train_ids, val_ids)
+
+
+def build_model(preset: RunPreset, vocab_size: int) -> GPT:
+    return GPT(GPTConfig(vocab_size, preset.block_size, preset.n_layer, preset.n_head,
+                         preset.n_embd, dropout=preset.dropout))
+
+
+def prepare_model(model: torch.nn.Module, rt: Runtime, parallel: str = "none"):
+    """``(model, info)``: the model on its device, wrapped for ``parallel``.
+
+    ``info`` is None for a single process, else the ``DistInfo`` of this rank.
+    """
+    if parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
+    if parallel == "none":
+        return model.to(rt.device), None
+    from llmcore.parallel.native import apply_parallel, init_distributed
+
+    info = init_distributed()
+    if info.world_size < 2:
+        raise ValueError(f"parallel={parallel!r} needs several processes; start the run "
+                         "with `torchrun --nproc_per_node N -m llmcore.train ...`")
+    return apply_parallel(model, parallel, info.device), info
+
+
+def batch_fns(data: RunData, preset: RunPreset):
+    """``(train_fn, val_fn)`` in the ``batch_fn(step, generator)`` form of ``train``."""
+    def train_fn(step, generator):
+        return get_batch(data.train, preset.batch_size, preset.block_size, generator)
+
+    def val_fn(step, generator):
+        return get_batch(data.val, preset.batch_size, preset.block_size, generator)
+    return train_fn, val_fn
+
+
+def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
+        resume: bool = False, parallel: str = "none") -> tuple[GPT, History, RunData]:
+    """Train ``preset``; with ``out``, write checkpoint, tokenizer and metrics there.
+
+    With ``parallel`` (ddp, fsdp or tp, under torchrun) every rank builds the same
+    model from the same seed; data-parallel ranks (ddp, fsdp) draw different batches,
+    tensor-parallel ranks the same ones. The loop's periodic checkpoints would hold one
+    rank's shard, so a parallel run writes one whole-model checkpoint at the end
+    (``resume`` is for single-process runs) and only rank 0 writes files.
+    """
+    data = build_data(preset)
+    model, info = prepare_model(build_model(preset, data.tokenizer.vocab_size), rt,
+                                parallel)
+    train_fn, val_fn = batch_fns(data, preset)
+    rank_seed = rt.seed + (info.rank if info and parallel != "tp" else 0)
+    generator = torch.Generator().manual_seed(rank_seed)
+    ckpt = Path(out) / "ckpt.pt" if out is not None and info is None else None
+    if info is not None and resume:
+        raise ValueError("resume=True works for single-process runs only; a parallel "
+                         "run starts from scratch and saves its whole model at the end")
+    history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
+                    generator=generator, ckpt_path=ckpt, resume=resume)
+    if info is not None:
+        model = gather_model(model, preset, data.tokenizer.vocab_size, info)
+    if out is not None and model is not None:
+        if info is not None:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            save_checkpoint(Path(out) / "ckpt.pt", model, step=len(history.loss))
+        write_outputs(Path(out), preset, rt, model, history, data)
+    return model, history, data
+
+
+def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, info):
+    """A plain single-device GPT with the parallel model's full weights, on rank 0
+    (None elsewhere); ends the process group. Every rank must call it."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict)
+
+    full = get_model_state_dict(model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    plain = None
+    if info.is_main:
+        plain = build_model(preset, vocab_size)
+        plain.load_state_dict(full)
+        plain.to(info.device)
+    dist.barrier()
+    dist.destroy_process_group()
+    return plain
+
+
+def write_outputs(out: Path, preset: RunPreset, rt: Runtime, model: GPT,
+                  history: History, data: RunData) -> None:
+    data.tokenizer.save(out / "tokenizer.json")
+    prompt = torch.tensor([data.tokenizer.encode("\n")], device=rt.device)
+    sample = generate(model, prompt, 200, temperature=0.8, top_k=50,
+                      generator=torch.Generator(rt.device).manual_seed(rt.seed))
+    metrics = {
+        "preset": asdict(preset), "tier": rt.tier, "device": device_name(rt.device),
+        "torch": torch.__version__, "params": model.num_params(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+        "history": history.to_dict(),
+        "sample": data.tokenizer.decode(sample[0].tolist()),
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
