@@ -168,6 +168,25 @@ def evaluate(model: nn.Module, batch_fn: BatchFn, steps: int, *,
     return total / steps
 
 
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """``nn.utils.clip_grad_norm_``, also for tensor-parallel models that mix DTensor
+    and plain parameters (PyTorch's foreach kernels refuse the mix); returns the norm."""
+    params = [p for p in parameters if p.grad is not None]
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed support
+        DTensor = ()  # noqa: N806
+    if not any(isinstance(p.grad, DTensor) for p in params):
+        return nn.utils.clip_grad_norm_(params, max_norm).item()
+    norms = [torch.linalg.vector_norm(p.grad) for p in params]
+    norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item()
+    if total > max_norm:
+        for p in params:
+            p.grad.mul_(max_norm / (total + 1e-6))
+    return total
+
+
 def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
           val_batch_fn: BatchFn | None = None, loss_fn: LossFn = lm_loss,
           generator: torch.Generator | None = None,
@@ -229,7 +248,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                 "Lower the lr, check the data, or use bf16 instead of fp16.")
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+        grad_norm = clip_grad_norm(model.parameters(), max_norm)
         lr = scheduler.get_last_lr()[0]
         scaler.step(optimizer)
         scaler.update()

@@ -39,6 +39,16 @@ def fused_available(device: torch.device | str) -> bool:
     return torch.device(device).type in ("cuda", "cpu", "mps", "xpu")
 
 
+def mixes_dtensors(model: nn.Module) -> bool:
+    """Whether some but not all parameters are DTensors (tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    kinds = {isinstance(p, DTensor) for p in model.parameters()}
+    return len(kinds) == 2
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                    fused: bool | None = None) -> torch.optim.AdamW:
@@ -51,8 +61,11 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
         raise ValueError(f"lr must be positive, got {lr}")
     device = next(model.parameters()).device
     if fused is None:
-        fused = fused_available(device)
-    kwargs = {"fused": True} if fused else {}
+        fused = fused_available(device) and not mixes_dtensors(model)
+    # A tensor-parallel model mixes DTensor and plain parameters, which the fused and
+    # foreach kernels refuse: update those one tensor at a time.
+    kwargs = {"fused": True} if fused else (
+        {"foreach": False} if mixes_dtensors(model) else {})
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas,
                              eps=eps, **kwargs)
 
