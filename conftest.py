@@ -30,7 +30,7 @@ import pytest
 from llmcore.notebooks import is_myst_notebook
 
 ROOT = Path(__file__).resolve().parent
-# The deliberately failing notebook of the collector's own test is not part of the suite.
+# The deliberately failing notebook of the collector's own test is not in the suite.
 collect_ignore = ["tests/notebooks"]
 # The corpora in data/ need no place here: load_corpus refuses any altered file.
 FINGERPRINTED = ("llmcore/**/*.py", "requirements.txt", "constraints.txt")
@@ -88,7 +88,7 @@ def fingerprint(root: Path = ROOT) -> str:
 
 
 def book_notebook(path: Path):
-    """The notebook exactly as the book build reads it (myst-nb's reader), for hashing."""
+    """The notebook as the book build reads it (myst-nb's reader), for hashing."""
     from myst_nb.core.read import read_myst_markdown_notebook
 
     return read_myst_markdown_notebook(path.read_text(encoding="utf-8"), path=path)
@@ -151,7 +151,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
-    """Mark failed notebooks; make a failed cell's report plain text, error line first."""
+    """Mark failed notebooks; make a failed cell's report plain text, error first."""
     outcome = yield
     report = outcome.get_result()
     if IPyNbCell is None or not isinstance(item, IPyNbCell) or not report.failed:
@@ -159,14 +159,13 @@ def pytest_runtest_makereport(item, call):
     item.parent.llmcore_failed = True
     text = ANSI.sub("", str(report.longrepr))
     lines = [line for line in text.splitlines() if line.strip()]
-    error = next((line for line in reversed(lines)
-                  if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b", line)),
-                 None)
+    error_line = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+    error = next((line for line in reversed(lines) if error_line.match(line)), None)
     report.longrepr = f"{error}\n\n{text}" if error else text
 
 
 def pytest_runtest_teardown(item, nextitem):
-    """After a notebook's last cell: stage the executed notebook if every cell passed."""
+    """After a notebook's last cell: stage the executed notebook if all cells passed."""
     if IPyNbCell is None or not isinstance(item, IPyNbCell):
         return
     notebook = item.parent

@@ -1,4 +1,5 @@
-"""llmcore: the package behind the book. How large language models are built and trained.
+"""llmcore: the package behind the book on how large language models are built and
+trained.
 
 Shape key, used in every comment that follows a reshape:
 

@@ -19,7 +19,7 @@ from llmcore.notebooks import ROOT, notebooks
 
 MARKER = "llmcore-colab-bootstrap"
 
-BOOTSTRAP = '''# On Colab: fetch the book's code and data once, then work inside the checkout.
+BOOTSTRAP = '''# On Colab: fetch the book's code and data once, then work there.
 # (Elsewhere this cell does nothing.)
 import os, subprocess, sys
 if "google.colab" in sys.modules:

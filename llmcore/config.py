@@ -21,7 +21,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Tiered(Generic[T]):
-    """One preset per tier: ``cpu`` for two cores in a minute or two, ``gpu`` for one GPU."""
+    """One preset per tier: ``cpu``, a minute or two on two cores; ``gpu``, one GPU."""
 
     cpu: T  # small enough for a laptop and for CI
     gpu: T  # a real experiment, minutes on one GPU
@@ -42,7 +42,7 @@ class Tiered(Generic[T]):
 
 
 def check_positive(obj: object, *names: str) -> None:
-    """Raise a ValueError naming the first field of ``obj`` that is not a positive number.
+    """Raise a ValueError naming the first field of ``obj`` that is not positive.
 
     Meant for ``__post_init__`` of config dataclasses.
     """
@@ -54,7 +54,7 @@ def check_positive(obj: object, *names: str) -> None:
 
 
 def override(cfg: T, **changes) -> T:
-    """A copy of the frozen config ``cfg`` with ``changes``; unknown names are an error."""
+    """A copy of the frozen ``cfg`` with ``changes``; unknown names are errors."""
     known = {f.name for f in fields(cfg)}  # type: ignore[arg-type]
     unknown = sorted(set(changes) - known)
     if unknown:

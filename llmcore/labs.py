@@ -34,16 +34,16 @@ STUB = "raise NotImplementedError(\"exercise: write this part\")"
 
 
 def strip_solutions(source: str, where: str = "cell") -> str:
-    """``source`` with every solution region replaced by a stub; unbalanced markers raise."""
+    """``source`` with each solution replaced by a stub; unbalanced markers raise."""
     out: list[str] = []
     inside_since = None
     for number, line in enumerate(source.splitlines(), start=1):
         marker = line.strip()
         if marker == BEGIN:
             if inside_since is not None:
-                raise ValueError(f"{where}: line {number} opens a solution region inside "
-                                 f"the one opened on line {inside_since}; close it first "
-                                 f"with {END!r}")
+                raise ValueError(f"{where}: line {number} opens a solution region "
+                                 f"inside the one opened on line {inside_since}; "
+                                 f"close it first with {END!r}")
             inside_since = number
             indent = line[: len(line) - len(line.lstrip())]
             out.append(indent + STUB)
@@ -55,8 +55,8 @@ def strip_solutions(source: str, where: str = "cell") -> str:
         elif inside_since is None:
             out.append(line)
     if inside_since is not None:
-        raise ValueError(f"{where}: the solution region opened on line {inside_since} is "
-                         f"never closed; add a line {END!r}")
+        raise ValueError(f"{where}: the solution region opened on line "
+                         f"{inside_since} is never closed; add a line {END!r}")
     return "\n".join(out)
 
 
@@ -96,7 +96,7 @@ def validate_lab(nb, where: str = "notebook") -> None:
 
 
 def build_student(labs: list[Path], out_dir: Path) -> list[Path]:
-    """Write the student version of each lab as ``.md`` and ``.ipynb``; return the paths."""
+    """Write each lab's student version as ``.md`` and ``.ipynb``; return the paths."""
     import jupytext
 
     out_dir.mkdir(parents=True, exist_ok=True)

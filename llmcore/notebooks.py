@@ -13,7 +13,7 @@ FOLDERS = ("book", "labs")
 
 
 def is_myst_notebook(path: Path | str) -> bool:
-    """A jupytext MyST notebook: a ``.md`` file whose front matter names a kernelspec."""
+    """A jupytext MyST notebook: a ``.md`` file whose front matter has a kernelspec."""
     path = Path(path)
     if path.suffix != ".md" or not path.is_file():
         return False

@@ -1,4 +1,4 @@
-"""Where and how an experiment runs: device, tier, seed, and the banner every page shows.
+"""Where and how an experiment runs: device, tier, seed, and the banner of each page.
 
 A *tier* names the size of the experiments a page runs. ``cpu`` is a laptop or a CI
 machine with two cores: every page finishes in a minute or two. ``gpu`` is one CUDA
@@ -46,7 +46,7 @@ def select_device(prefer: str | None = None) -> torch.device:
 
 
 def select_tier(device: torch.device, tier: str | None = None) -> str:
-    """The experiment tier: ``tier`` if given, else $LLMCORE_TIER, else from the device."""
+    """The tier: ``tier`` if given, else $LLMCORE_TIER, else from the device."""
     tier = tier or os.environ.get("LLMCORE_TIER") or None
     if tier is None:
         return "gpu" if device.type == "cuda" else "cpu"
@@ -59,7 +59,7 @@ def select_tier(device: torch.device, tier: str | None = None) -> str:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch (all devices); return a CPU generator with that seed.
+    """Seed Python, NumPy and torch (all devices); return a CPU generator so seeded.
 
     Pass the returned generator to samplers and data loaders where you want a stream of
     random numbers that later cells cannot disturb.
@@ -130,7 +130,7 @@ COLAB_PACKAGES = {"jupytext": "jupytext", "accelerate": "accelerate",
 
 
 def ensure_packages(packages: Mapping[str, str] = COLAB_PACKAGES) -> list[str]:
-    """pip-install the packages whose import name is missing; return what was installed."""
+    """pip-install the packages whose import is missing; return what it installed."""
     missing = [req for name, req in packages.items()
                if importlib.util.find_spec(name) is None]
     if missing:

@@ -1,4 +1,4 @@
-"""The notebook collector: .md notebooks run under nbval, fail readably, are cached once."""
+"""The collector: .md notebooks run under nbval, fail readably, are cached once."""
 
 import shutil
 import subprocess
@@ -14,7 +14,7 @@ pytest.importorskip("nbval")
 
 
 def project(tmp_path: Path, *notebooks: str) -> Path:
-    """A throw-away project with the book's conftest and the given notebooks in book/."""
+    """A throw-away project with the book's conftest and these notebooks in book/."""
     shutil.copy(ROOT / "conftest.py", tmp_path)
     shutil.copy(ROOT / "pytest.ini", tmp_path)
     (tmp_path / "book").mkdir()

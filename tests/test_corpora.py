@@ -23,7 +23,8 @@ def test_corrupted_copy_raises_an_error_naming_the_file_and_the_fix(tmp_path):
     data = bytearray(path.read_bytes())
     data[1000] ^= 0x01  # one flipped bit
     path.write_bytes(bytes(data))
-    with pytest.raises(CorpusError, match=r"tinyshakespeare.txt is corrupt.*git checkout"):
+    with pytest.raises(CorpusError,
+                       match=r"tinyshakespeare.txt is corrupt.*git checkout"):
         load_corpus("shakespeare", data_dir=tmp_path)
 
 

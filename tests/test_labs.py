@@ -29,7 +29,8 @@ def test_strip_solutions_keeps_indentation_and_the_rest():
     stripped = labs.strip_solutions(source)
     assert "return x + y" not in stripped and "BEGIN" not in stripped
     assert "    raise NotImplementedError" in stripped
-    assert stripped.startswith("def f(x):\n    y = 1\n") and stripped.endswith("print(f)")
+    assert stripped.startswith("def f(x):\n    y = 1\n")
+    assert stripped.endswith("print(f)")
     ns = {}
     exec(stripped, ns)
     with pytest.raises(NotImplementedError):
@@ -86,8 +87,8 @@ def test_student_version_fails_every_check(lab, tmp_path):
         errors = [o for o in cell.outputs if o.output_type == "error"]
         assert errors, f"{lab.name}, cell {index}: check passed on the student version"
         assert errors[0].ename in ("AssertionError", "NotImplementedError"), (
-            f"{lab.name}, cell {index}: check failed with {errors[0].ename}, not with the "
-            "stub's NotImplementedError or an AssertionError")
+            f"{lab.name}, cell {index}: check failed with {errors[0].ename}, not "
+            "with the stub's NotImplementedError or an AssertionError")
 
 
 def test_command_line_writes_md_and_ipynb(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""``torchrun`` / ``accelerate launch -m llmcore.train --parallel ...``: PyTorch's engines
-behind the book's command line, two CPU processes."""
+"""``torchrun`` / ``accelerate launch -m llmcore.train --parallel ...``: PyTorch's
+engines behind the book's command line, two CPU processes."""
 
 import json
 import os
@@ -14,7 +14,8 @@ from llmcore.train import read_checkpoint
 
 
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"],
+    "torchrun": [sys.executable, "-m", "torch.distributed.run",
+                 "--nproc_per_node", "2"],
     # `accelerate launch --cpu` would start ONE process; this is how to get two on CPU.
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                    "--num_processes", "2", "--num_machines", "1", "--mixed_precision",

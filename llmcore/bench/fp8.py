@@ -17,7 +17,6 @@ to check the plumbing; its JSON says ``"dry_run": true``.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime as dt
 import json
 import os

@@ -50,7 +50,8 @@ def corpus_path(file: CorpusFile, data_dir: Path | str | None = None) -> Path:
     if digest != file.sha256:
         raise CorpusError(
             f"corpus file {path} is corrupt or altered: its SHA-256 is {digest}, "
-            f"expected {file.sha256}. Restore it with `git checkout -- data/{file.name}` "
+            f"expected {file.sha256}. Restore it with "
+            f"`git checkout -- data/{file.name}` "
             "(see data/README.md for its source).")
     return path
 

@@ -1,4 +1,4 @@
-"""Model definitions only: no parallelism, no precision (those are applied from outside).
+"""Model definitions only: no parallelism, no precision (applied from outside).
 
 Import models from their modules, e.g. ``from llmcore.models.gpt import GPT``.
 """

@@ -24,40 +24,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmcore.config import check_positive
+from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.nn import EncoderBlock, LayerNorm, LearnedPositionalEmbedding
 
 
 @dataclass(frozen=True)
-class BertConfig:
-    """The shape of a BERT-style encoder."""
+class BertConfig(GPTConfig):
+    """The shape of a BERT-style encoder: the same fields, and checks, as a GPT's.
 
-    vocab_size: int  # V, including the [MASK] id
-    block_size: int  # the longest sequence the model reads
-    n_layer: int  # number of Transformer blocks
-    n_head: int  # nh: attention heads per block
-    n_embd: int  # C: model width
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches
-    bias: bool = True  # biases in linear layers and LayerNorms
-    use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
-
-    def __post_init__(self):
-        check_positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-        if self.n_embd % self.n_head:
-            raise ValueError(f"{type(self).__name__}.n_embd={self.n_embd} must be a "
-                             f"multiple of n_head={self.n_head}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+    ``vocab_size`` includes the [MASK] id; ``block_size`` is the longest sequence.
+    """
 
 
 def init_weights(module: nn.Module) -> None:
-    """BERT's initialisation: N(0, 0.02) weights, zero biases."""
-    if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, 0.0, 0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, (nn.Embedding, LearnedPositionalEmbedding)):
-        nn.init.normal_(module.weight, 0.0, 0.02)
+    """BERT's initialisation, which is GPT-2's: N(0, 0.02) weights, zero biases."""
+    GPT._init_weights(module)
 
 
 def key_padding_mask(attention_mask: Tensor | None, idx: Tensor) -> Tensor | None:

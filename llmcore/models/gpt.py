@@ -42,10 +42,11 @@ class GPTConfig:
     def __post_init__(self):
         check_positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
         if self.n_embd % self.n_head:
-            raise ValueError(f"GPTConfig.n_embd={self.n_embd} must be a multiple of "
-                             f"n_head={self.n_head}")
+            raise ValueError(f"{type(self).__name__}.n_embd={self.n_embd} must be a "
+                             f"multiple of n_head={self.n_head}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+            raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got "
+                             f"{self.dropout}")
 
 
 class GPT(nn.Module):

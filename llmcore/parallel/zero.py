@@ -25,7 +25,6 @@ step equals the unsharded one.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 

@@ -170,7 +170,8 @@ def evaluate(model: nn.Module, batch_fn: BatchFn, steps: int, *,
 
 def clip_grad_norm(parameters, max_norm: float) -> float:
     """``nn.utils.clip_grad_norm_``, also for tensor-parallel models that mix DTensor
-    and plain parameters (PyTorch's foreach kernels refuse the mix); returns the norm."""
+    and plain parameters (PyTorch's foreach kernels refuse the mix); returns the
+    norm."""
     params = [p for p in parameters if p.grad is not None]
     try:
         from torch.distributed.tensor import DTensor

@@ -1,4 +1,4 @@
-"""Named training runs: a GPT preset on a corpus, trained by :func:`llmcore.train.train`.
+"""Named training runs: a GPT preset on a corpus, trained by ``llmcore.train.train``.
 
 The run is built in three steps: the data (:func:`build_data`), the model
 (:func:`build_model`), then :func:`prepare_model`, which moves the model to its device
@@ -96,8 +96,8 @@ def prepare_model(model: torch.nn.Module, rt: Runtime, parallel: str = "none"):
 
     info = init_distributed()
     if info.world_size < 2:
-        raise ValueError(f"parallel={parallel!r} needs several processes; start the run "
-                         "with `torchrun --nproc_per_node N -m llmcore.train ...`")
+        raise ValueError(f"parallel={parallel!r} needs several processes; start the "
+                         "run with `torchrun --nproc_per_node N -m llmcore.train ...`")
     return apply_parallel(model, parallel, info.device), info
 
 
