@@ -32,6 +32,8 @@ from llmcore.notebooks import is_myst_notebook
 ROOT = Path(__file__).resolve().parent
 # The deliberately failing notebook of the collector's own test is not in the suite.
 collect_ignore = ["tests/notebooks"]
+# The .ipynb files beside the .md sources are their Colab copies, not more notebooks.
+collect_ignore_glob = ["book/*.ipynb", "labs/*.ipynb"]
 # The corpora in data/ need no place here: load_corpus refuses any altered file.
 FINGERPRINTED = ("llmcore/**/*.py", "requirements.txt", "constraints.txt")
 
