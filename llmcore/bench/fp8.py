@@ -23,13 +23,13 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from llmcore.io import atomic_write
 from llmcore.precision.fp8 import _mm, convert_to_float8, fp8_backend, quantize
 
 E4M3 = torch.float8_e4m3fn
@@ -205,14 +205,10 @@ def e2e(models, steps: int, device: torch.device, backend: str,
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
-    """Write atomically: a temporary file beside ``path``, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    """Write ``payload`` as JSON, atomically (``llmcore.io.atomic_write``)."""
+    with atomic_write(path, "w") as f:
         json.dump(payload, f, indent=1)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def main(argv: list[str]) -> int:

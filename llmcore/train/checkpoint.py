@@ -14,15 +14,15 @@ strings, so it loads with ``torch.load(weights_only=True)``, which cannot run co
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from llmcore.io import atomic_write
 
 FORMAT = "llmcore-checkpoint"
 VERSION = 1
@@ -84,16 +84,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, *,
         "rng": rng_state(generator),
         "extra": extra or {},
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX and Windows
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(payload, f)
     return path
 
 
