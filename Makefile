@@ -81,10 +81,10 @@ book-student: execute
 	@echo "Student book (solutions hidden): open $(CURDIR)/_build/student/_build/html/index.html"
 
 student-labs: venv
-	$(PY) -m llmcore.labs student _build/student-labs
+	$(PY) -m llmcore.book.labs student _build/student-labs
 
 notebooks: venv
-	$(PY) -m llmcore.colab write
+	$(PY) -m llmcore.book.colab write
 
 lock: venv
 	( echo "# Exact versions CI installs (pip install -r requirements.txt -c constraints.txt)."; \

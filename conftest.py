@@ -27,7 +27,7 @@ from unittest import mock
 
 import pytest
 
-from llmcore.notebooks import is_myst_notebook
+from llmcore.book.notebooks import is_myst_notebook
 
 ROOT = Path(__file__).resolve().parent
 # The deliberately failing notebook of the collector's own test is not in the suite.

@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Generic, Iterator, TypeVar
 
-from llmcore.runtime import TIERS
-
 T = TypeVar("T")
+
+# The experiment sizes a page can ask for; ``llmcore.runtime`` picks one per machine.
+TIERS = ("cpu", "gpu")
 
 
 @dataclass(frozen=True)

@@ -17,15 +17,12 @@ import random
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, TypeVar
-
-if TYPE_CHECKING:
-    from llmcore.config import Tiered
+from typing import Mapping, TypeVar
 
 import numpy as np
 import torch
 
-TIERS = ("cpu", "gpu")
+from llmcore.config import TIERS, Tiered
 T = TypeVar("T")
 
 

@@ -4,8 +4,8 @@ import json
 
 import jupytext
 
-from llmcore import colab
-from llmcore.notebooks import notebooks
+from llmcore.book import colab
+from llmcore.book.notebooks import notebooks
 
 
 def test_every_notebook_has_a_fresh_colab_copy():

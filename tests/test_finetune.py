@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from llmcore.finetune import (SequenceClassifier, classification_loss, freeze_backbone,
+from llmcore.apps.finetune import (SequenceClassifier, classification_loss, freeze_backbone,
                               hidden_states, pool, predict)
-from llmcore.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from llmcore.apps.lora import LoRALinear, apply_lora, count_parameters, merge_lora
 from llmcore.models.bert import BERT, BertConfig
 from llmcore.models.gpt import GPT, GPTConfig
 
@@ -161,7 +161,7 @@ def test_lora_dropout_only_in_training():
 
 
 def test_fixed_split_is_a_reproducible_partition():
-    from llmcore.finetune import fixed_split
+    from llmcore.apps.finetune import fixed_split
     a = fixed_split(101, (0.8, 0.1, 0.1), seed=3)
     assert [len(p) for p in a] == [81, 10, 10]
     assert sorted(sum(a, [])) == list(range(101))
@@ -172,7 +172,7 @@ def test_fixed_split_is_a_reproducible_partition():
 
 
 def test_text_classification_data_splits_and_batches():
-    from llmcore.finetune import text_classification_data
+    from llmcore.apps.finetune import text_classification_data
     texts = [f"sentence number {i} is {'good' if i % 2 else 'bad'}" for i in range(40)]
     labels = [i % 2 for i in range(40)]
     data = text_classification_data(texts, labels, vocab_size=300, max_len=8)

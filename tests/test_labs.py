@@ -12,7 +12,7 @@ import jupytext
 import nbformat
 import pytest
 
-from llmcore import labs
+from llmcore.book import labs
 
 LABS = labs.all_labs()
 

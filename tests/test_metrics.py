@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcore.metrics import (accuracy_ci, confusion_matrix, corpus_bleu, distinct_n,
+from llmcore.apps.metrics import (accuracy_ci, confusion_matrix, corpus_bleu, distinct_n,
                              ngrams, repetition_rate, wilson_interval)
 
 # The example of Papineni et al. (2002), section 2.1.

@@ -13,7 +13,7 @@ to class logits. Which vector depends on what can see the whole input:
 
 Three ways to train it: *full fine-tuning* (every weight moves), a *linear probe*
 (:func:`freeze_backbone`: only the head learns, which measures what the pretrained
-features already hold), and LoRA adapters (``llmcore.lora``).
+features already hold), and LoRA adapters (``llmcore.apps.lora``).
 
 Public API::
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmcore.data.collate import collate
-from llmcore.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from llmcore.apps.lora import LoRALinear, apply_lora, count_parameters, merge_lora
 from llmcore.models.gpt import GPT
 from llmcore.tokenizer import BPETokenizer
 

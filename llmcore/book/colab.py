@@ -1,7 +1,7 @@
 """The ``.ipynb`` copies of the chapters and labs that Colab opens.
 
 Colab opens notebooks from GitHub only as ``.ipynb``; the book's sources are MyST
-``.md`` files. ``python -m llmcore.colab write`` (``make notebooks``) writes an
+``.md`` files. ``python -m llmcore.book.colab write`` (``make notebooks``) writes an
 ``.ipynb`` beside each source, with one extra first cell that, on Colab only, clones the
 repository (whose address is read from ``_config.yml``, the one place that names it),
 installs llmcore, and moves into the notebook's folder. ``check`` fails when a copy is
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from llmcore.notebooks import ROOT, notebooks
+from llmcore.book.notebooks import find_root, notebooks
 
 MARKER = "llmcore-colab-bootstrap"
 
@@ -32,8 +32,10 @@ if "google.colab" in sys.modules:
     os.chdir("/content/llmcore/{folder}")'''
 
 
-def repository_url(config: Path = ROOT / "_config.yml") -> str:
+def repository_url(config: Path | None = None) -> str:
     import yaml
+
+    config = config or find_root() / "_config.yml"
 
     url = (yaml.safe_load(config.read_text()) or {}).get("repository", {}).get("url")
     if not url:
@@ -71,7 +73,7 @@ def twin(source: Path) -> Path:
 
 
 def write(paths: list[Path]) -> list[Path]:
-    url = repository_url()
+    url = repository_url(find_root(paths[0].parent) / "_config.yml") if paths else ""
     for source in paths:
         twin(source).write_text(render(source, url))
     return [twin(p) for p in paths]
@@ -79,23 +81,26 @@ def write(paths: list[Path]) -> list[Path]:
 
 def stale(paths: list[Path]) -> list[Path]:
     """Sources whose ``.ipynb`` copy is missing or differs from what ``write`` makes."""
-    url = repository_url()
+    url = repository_url(find_root(paths[0].parent) / "_config.yml") if paths else ""
     return [p for p in paths
             if not twin(p).exists() or twin(p).read_text() != render(p, url)]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmcore.colab")
+    parser = argparse.ArgumentParser(prog="python -m llmcore.book.colab")
     parser.add_argument("command", choices=["write", "check"])
+    parser.add_argument("--root", type=Path, default=None,
+                        help="the book's repository (default: found from the cwd)")
     args = parser.parse_args(argv)
-    paths = notebooks()
+    root = find_root(args.root)
+    paths = notebooks(root=root)
     if args.command == "write":
         for path in write(paths):
-            print(path.relative_to(ROOT))
+            print(path.relative_to(root))
         return 0
     bad = stale(paths)
     for path in bad:
-        print(f"{path.relative_to(ROOT)}: Colab copy missing or stale", file=sys.stderr)
+        print(f"{path.relative_to(root)}: Colab copy missing or stale", file=sys.stderr)
     if bad:
         print("run `make notebooks` to refresh them", file=sys.stderr)
     print(json.dumps({"checked": len(paths), "stale": len(bad)}))

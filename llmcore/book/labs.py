@@ -13,7 +13,7 @@ and asserts. The student build replaces each marked region, markers included, wi
 ``raise NotImplementedError`` at the same indentation, so the function still exists but
 its check fails until the learner writes it.
 
-    python -m llmcore.labs student OUT_DIR [LAB.md ...]
+    python -m llmcore.book.labs student OUT_DIR [LAB.md ...]
 
 writes ``OUT_DIR/NAME.md`` and ``OUT_DIR/NAME.ipynb`` for every lab (all of ``labs/``
 when none is named).
@@ -26,7 +26,7 @@ import copy
 import sys
 from pathlib import Path
 
-from llmcore.notebooks import notebooks
+from llmcore.book.notebooks import notebooks
 
 BEGIN = "### BEGIN SOLUTION"
 END = "### END SOLUTION"
@@ -115,12 +115,12 @@ def build_student(labs: list[Path], out_dir: Path) -> list[Path]:
     return written
 
 
-def all_labs() -> list[Path]:
-    return notebooks(folders=("labs",))
+def all_labs(root: Path | None = None) -> list[Path]:
+    return notebooks(folders=("labs",), root=root)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llmcore.labs",
+    parser = argparse.ArgumentParser(prog="python -m llmcore.book.labs",
                                      description="Build the student versions of labs.")
     sub = parser.add_subparsers(dest="command", required=True)
     student = sub.add_parser("student", help="write student versions to OUT_DIR")
