@@ -19,6 +19,10 @@ T = TypeVar("T")
 # The experiment sizes a page can ask for; ``llmcore.runtime`` picks one per machine.
 TIERS = ("cpu", "gpu")
 
+# A target position that no loss counts (padding, prompts, unmasked tokens): the
+# default ignore_index of torch.nn.functional.cross_entropy.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class Tiered(Generic[T]):

@@ -28,6 +28,8 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from llmcore.nn.swap import swap_modules
+
 
 class LoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update ``(alpha/r) B A``."""
@@ -104,12 +106,6 @@ def _matches(target: Target) -> Callable[[nn.Module, str], bool]:
     return by_name
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules: Target,
                dropout: float = 0.0, keep_trainable: Iterable[str] = ()) -> nn.Module:
     """Wrap each matching ``nn.Linear`` of ``model`` in a :class:`LoRALinear`, in place.
@@ -129,9 +125,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float, target_modules: Target
     keep = tuple(keep_trainable)
     for name, p in model.named_parameters():
         p.requires_grad_(bool(keep) and name.startswith(keep))
-    for name in chosen:
-        _replace(model, name, LoRALinear(model.get_submodule(name), rank, alpha,
-                                         dropout))
+    swap_modules(model, lambda m, name: name in chosen,
+                 lambda m: LoRALinear(m, rank, alpha, dropout))
     return model
 
 
@@ -143,11 +138,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     if not names:
         raise ValueError("the model holds no LoRALinear: nothing to merge (call "
                          "apply_lora first)")
-    for name in names:
-        lora = model.get_submodule(name)
-        merged = lora.merged()
-        merged.requires_grad_(False)
-        _replace(model, name, merged)
+    swap_modules(model, lambda m, name: name in names,
+                 lambda lora: lora.merged().requires_grad_(False))
     return model
 
 

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from llmcore.data.mlm import IGNORE_INDEX
+from llmcore.config import IGNORE_INDEX
 
 
 def _as_list(seq) -> list[int]:

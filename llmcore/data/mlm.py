@@ -29,7 +29,8 @@ from typing import Iterable
 
 import torch
 
-IGNORE_INDEX = -100  # the default ignore_index of F.cross_entropy
+from llmcore.config import IGNORE_INDEX
+
 
 
 def _draw_device(generator: torch.Generator | None, fallback: torch.device):

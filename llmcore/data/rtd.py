@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from llmcore.data.mlm import IGNORE_INDEX
+from llmcore.config import IGNORE_INDEX
 
 
 @torch.no_grad()

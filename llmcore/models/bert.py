@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.nn import EncoderBlock, LayerNorm, LearnedPositionalEmbedding
+from llmcore.nn.loss import lm_loss
 
 
 @dataclass(frozen=True)
@@ -114,12 +115,8 @@ class MLMHead(nn.Module):
 
 
 def mlm_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over the positions whose label is not -100."""
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must be (B, T) = {tuple(logits.shape[:-1])}, got "
-                         f"{tuple(labels.shape)}")
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1),
-                           ignore_index=-100)
+    """Mean cross-entropy over the positions whose label is not IGNORE_INDEX."""
+    return lm_loss(logits, labels)
 
 
 class BERT(nn.Module):

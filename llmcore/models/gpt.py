@@ -19,11 +19,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmcore.config import check_positive
 from llmcore.nn import EncoderBlock, KVCache, LayerNorm, LearnedPositionalEmbedding
+from llmcore.nn.loss import lm_loss
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,5 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)),
-                                   targets.reshape(-1), ignore_index=-100)
+            loss = lm_loss(logits, targets)
         return logits, loss

@@ -20,10 +20,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from llmcore.parallel.comm import Comm
+from llmcore.nn.loss import lm_loss
 
 
 class GPTStage(nn.Module):
@@ -54,10 +54,6 @@ class GPTStage(nn.Module):
             ln_f, lm_head = self.head
             x = lm_head(ln_f(x))  # (B, T, V)
         return x
-
-
-def lm_loss(logits, targets):
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 # ------------------------------------------------- schedules

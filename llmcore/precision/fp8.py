@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from llmcore.nn.swap import swap_modules
+
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALINGS = ("tensorwise", "rowwise", "delayed")
 BACKENDS = ("auto", "scaled_mm", "emulate")
@@ -244,22 +246,22 @@ def convert_to_float8(model: nn.Module, module_filter_fn=None,
     Layers whose sizes are not multiples of 16 stay as they are (``_scaled_mm`` needs
     that). Prints one line saying how many were swapped and which path runs them.
     """
-    swapped, skipped = [], []
-    for fqn, module in list(model.named_modules()):
+    skipped = []
+
+    def select(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or isinstance(module, Float8Linear):
-            continue
+            return False
         if module_filter_fn is not None and not module_filter_fn(module, fqn):
-            continue
+            return False
         if module.in_features % 16 or module.out_features % 16:
             skipped.append(fqn)
-            continue
-        parent_name, _, child = fqn.rpartition(".")
-        if not child:
-            raise ValueError("model is itself an nn.Linear; wrap it in a module first")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child,
-                Float8Linear.from_linear(module, scaling=scaling, backend=backend))
-        swapped.append(fqn)
+            return False
+        return True
+
+    if isinstance(model, nn.Linear):
+        raise ValueError("model is itself an nn.Linear; wrap it in a module first")
+    swapped = swap_modules(model, select, lambda m: Float8Linear.from_linear(
+        m, scaling=scaling, backend=backend))
     if not quiet:
         p = next(model.parameters(), None)
         dev = p.device if p is not None else torch.device("cpu")

@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmcore.nn.swap import swap_modules
+
 BITS = (4, 8)
 
 
@@ -184,19 +186,14 @@ class QATLinear(nn.Linear):
 
 
 def _swap_linears(model: nn.Module, make, module_filter_fn) -> list[str]:
-    swapped = []
-    for fqn, module in list(model.named_modules()):
-        if type(module) not in (nn.Linear, QATLinear):
-            continue
-        if module_filter_fn is not None and not module_filter_fn(module, fqn):
-            continue
-        parent_name, _, child = fqn.rpartition(".")
-        if not child:
-            raise ValueError("model is itself an nn.Linear; wrap it in a module first")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child,
-                make(module))
-        swapped.append(fqn)
-    return swapped
+    if isinstance(model, nn.Linear):
+        raise ValueError("model is itself an nn.Linear; wrap it in a module first")
+
+    def select(module: nn.Module, fqn: str) -> bool:
+        return type(module) in (nn.Linear, QATLinear) and (
+            module_filter_fn is None or module_filter_fn(module, fqn))
+
+    return swap_modules(model, select, make)
 
 
 def quantize_weights(model: nn.Module, bits: int = 8, group_size: int | None = None,
