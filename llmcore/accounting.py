@@ -100,6 +100,24 @@ def training_bytes(n_params: int, recipe: str | Recipe) -> dict[str, float]:
     return parts
 
 
+def zero_bytes_per_param(stage: int, world_size: int) -> float:
+    """Bytes per parameter on each rank for mixed-precision Adam (16 in all) under
+    ZeRO ``stage`` over ``world_size`` ranks (Rajbhandari et al. 2020, figure 1):
+    stage 1 shards the 12 bytes of optimizer state, stage 2 also the 2 of gradients,
+    stage 3 also the 2 of weights."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+    if not isinstance(world_size, int) or world_size <= 0:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    sharded = {0: 0, 1: 12, 2: 14, 3: 16}[stage]
+    return 16 - sharded + sharded / world_size
+
+
+def zero_state_bytes(n_params: int, stage: int, world_size: int) -> float:
+    """Weights + gradients + optimizer state per rank, mixed-precision Adam."""
+    return zero_bytes_per_param(stage, world_size) * n_params
+
+
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 

@@ -3,15 +3,15 @@
 import pytest
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel.costmodel import (Plan, bubble_fraction, estimate, gpt_params,
-                                        pp_payload, zero_state_bytes)
+from llmcore.accounting import gpt_param_count, zero_state_bytes
+from llmcore.parallel.costmodel import Plan, bubble_fraction, estimate, pp_payload
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_gpt_params_formula_counts_the_real_model(bias):
     cfg = GPTConfig(vocab_size=37, block_size=16, n_layer=3, n_head=2, n_embd=24,
                     bias=bias)
-    assert gpt_params(37, 16, 3, 24, bias=bias) == GPT(cfg).num_params()
+    assert gpt_param_count(3, 24, 37, 16, bias=bias) == GPT(cfg).num_params()
 
 
 def test_zero_memory_and_bubble():

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from llmcore.parallel import launch
-from llmcore.parallel.costmodel import zero_payload, zero_state_bytes
+from llmcore.accounting import zero_bytes_per_param, zero_state_bytes
+from llmcore.parallel.costmodel import zero_payload
 from llmcore.parallel.data_parallel import TinyLM, random_batches
-from llmcore.parallel.zero import (fsdp_worker, train_adam_single, zero_bytes_per_param,
+from llmcore.parallel.zero import (fsdp_worker, train_adam_single,
                                    zero_worker)
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)

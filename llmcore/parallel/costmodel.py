@@ -16,26 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmcore.accounting import gpt_param_count, zero_state_bytes
 from llmcore.config import check_positive
 from llmcore.parallel.comm import wire_bytes
-
-
-def gpt_params(vocab_size: int, block_size: int, n_layer: int, n_embd: int,
-               bias: bool = True) -> int:
-    """Parameters of llmcore's GPT (tied head): V C + T C + L (12 C^2 + 13 C) + 2 C."""
-    c = n_embd
-    per_block = 12 * c * c + (13 * c if bias else 2 * c)  # biases + 2 LayerNorms
-    final_norm = 2 * c if bias else c
-    return vocab_size * c + block_size * c + n_layer * per_block + final_norm
-
-
-def zero_state_bytes(n_params: int, stage: int, world_size: int) -> float:
-    """Parameters + gradients + optimizer state per rank, mixed-precision Adam."""
-    n = world_size
-    per_param = {0: 16.0, 1: 4 + 12 / n, 2: 2 + 14 / n, 3: 16 / n}
-    if stage not in per_param:
-        raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
-    return per_param[stage] * n_params
 
 
 def dp_payload(n_params: int, grad_bytes: int = 4) -> dict[str, float]:
@@ -117,7 +100,8 @@ def estimate(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2) -> dict:
     global batch. Model-parallel splits divide the state evenly (embeddings included),
     which is the usual first-order estimate.
     """
-    n = gpt_params(cfg.vocab_size, cfg.block_size, cfg.n_layer, cfg.n_embd)
+    n = gpt_param_count(cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.block_size,
+                        bias=getattr(cfg, "bias", True))
     local = n / (plan.tp * plan.pp)
     state = zero_state_bytes(round(local), plan.zero, plan.dp)
     local_batch = batch // plan.dp

@@ -183,12 +183,6 @@ class ZeroDataParallel(nn.Module):
         return out
 
 
-def zero_bytes_per_param(stage: int, world_size: int) -> float:
-    """The ZeRO paper's bytes per parameter for mixed-precision Adam."""
-    n = world_size
-    return {0: 16.0, 1: 4 + 12 / n, 2: 2 + 14 / n, 3: 16 / n}[stage]
-
-
 # ------------------------------------------------- the experiments the book runs
 
 
