@@ -15,6 +15,8 @@ A comment ``# (B, nh, T, hs)`` gives the shape of the tensor on that line.
 
 __version__ = "0.1.0"
 
-from llmcore.runtime import Runtime, setup  # noqa: E402
+from llmcore.runtime import (DeviceCaps, Runtime, default_precision,  # noqa: E402
+                             device_caps, setup)
 
-__all__ = ["Runtime", "setup", "__version__"]
+__all__ = ["DeviceCaps", "Runtime", "default_precision", "device_caps", "setup",
+           "__version__"]

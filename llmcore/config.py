@@ -19,6 +19,11 @@ T = TypeVar("T")
 # The experiment sizes a page can ask for; ``llmcore.runtime`` picks one per machine.
 TIERS = ("cpu", "gpu")
 
+# Gpu-tier presets fit a 16 GiB GPU (Colab's T4) unless a page declares a larger need
+# and picks its size from the device's memory (``Runtime.fit``). A test builds every
+# gpu preset on the meta device and checks its training memory against this.
+GPU_BUDGET_GB = 16
+
 # A target position that no loss counts (padding, prompts, unmasked tokens): the
 # default ignore_index of torch.nn.functional.cross_entropy.
 IGNORE_INDEX = -100

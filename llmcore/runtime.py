@@ -4,8 +4,15 @@ A *tier* names the size of the experiments a page runs. ``cpu`` is a laptop or a
 machine with two cores: every page finishes in a minute or two. ``gpu`` is one CUDA
 GPU: the same code at real sizes. The tier follows the device unless the environment
 variable ``LLMCORE_TIER`` says otherwise (``LLMCORE_TIER=cpu`` on a GPU machine runs
-the small experiments fast; ``gpu`` without a GPU is refused). This module and
-``llmcore.parallel.launch`` are the only places that read environment variables.
+the small experiments fast; ``gpu`` without a GPU is refused). Apple's MPS runs the
+cpu-tier sizes. This module and ``llmcore.parallel.launch`` are the only places that
+read environment variables.
+
+What the GPU can do is asked, not assumed: ``device_caps()`` (also ``rt.caps``) tells
+its compute capability, memory and which tensor-core formats it has;
+``default_precision`` turns that into the training precision a page should use, and
+``fit_memory`` (``rt.fit``) picks the largest preset whose declared memory need the
+device has.
 """
 
 from __future__ import annotations
@@ -16,14 +23,16 @@ import platform
 import random
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping, TypeVar
 
 import numpy as np
 import torch
 
 from llmcore.config import TIERS, Tiered
+
 T = TypeVar("T")
+GiB = 2**30
 
 
 def select_device(prefer: str | None = None) -> torch.device:
@@ -80,6 +89,86 @@ def device_name(device: torch.device) -> str:
 
 
 @dataclass(frozen=True)
+class DeviceCaps:
+    """What a device can do, from the driver: read once, passed around as data."""
+
+    type: str  # "cuda", "mps" or "cpu"
+    name: str  # e.g. "NVIDIA H100 80GB HBM3", or the CPU
+    capability: tuple[int, int] | None  # CUDA compute capability (major, minor)
+    total_memory: int  # bytes of device memory; 0 where unknown (CPU, MPS)
+    multiprocessors: int  # streaming multiprocessors; 0 off CUDA
+
+    @property
+    def fp16_tensor_cores(self) -> bool:
+        """fp16 matmuls on tensor cores: Volta (sm70) and later."""
+        return self.capability is not None and self.capability >= (7, 0)
+
+    @property
+    def bf16_tensor_cores(self) -> bool:
+        """bf16 matmuls on tensor cores: Ampere (sm80) and later."""
+        return self.capability is not None and self.capability >= (8, 0)
+
+    @property
+    def fp8_tensor_cores(self) -> bool:
+        """FP8 (e4m3/e5m2) matmuls: Ada (sm89) and Hopper (sm90) and later."""
+        return self.capability is not None and self.capability >= (8, 9)
+
+    @property
+    def memory_gb(self) -> float:
+        return self.total_memory / GiB
+
+    def describe(self) -> str:
+        if self.capability is None:
+            return self.name
+        major, minor = self.capability
+        return (f"{self.name}, sm{major}{minor}, {self.memory_gb:.0f} GiB, "
+                f"{self.multiprocessors} SMs")
+
+
+def device_caps(device: torch.device | str | None = None) -> DeviceCaps:
+    """The capabilities of ``device`` (default: what ``select_device`` picks)."""
+    device = select_device() if device is None else torch.device(device)
+    if device.type != "cuda":
+        return DeviceCaps(device.type, device_name(device), None, 0, 0)
+    props = torch.cuda.get_device_properties(device)
+    return DeviceCaps("cuda", props.name, (props.major, props.minor),
+                      int(props.total_memory), int(props.multi_processor_count))
+
+
+def default_precision(caps: DeviceCaps) -> str:
+    """The training precision for ``caps``, as ``TrainConfig.precision`` names it.
+
+    bf16 where tensor cores run it (sm80+); fp16 on sm70/sm75 (V100, T4), which the
+    training loop pairs with dynamic loss scaling; fp32 on CPU and MPS, where the
+    CPU tier's sizes make 16-bit formats gain little and fp16 can be far slower.
+    """
+    if caps.bf16_tensor_cores:
+        return "bf16"
+    if caps.fp16_tensor_cores:
+        return "fp16"
+    return "fp32"
+
+
+def fit_memory(options: Mapping[float, T], caps: DeviceCaps,
+               headroom: float = 0.9) -> T:
+    """The option with the largest memory need (GiB) that ``caps`` holds.
+
+    ``options`` maps the GiB each preset needs to the preset, e.g.
+    ``{16: small, 40: medium, 80: large}``. A device holds a need if it is at most
+    ``headroom`` of its memory: the CUDA context and the allocator's caching take the
+    rest. The smallest option is returned where nothing fits (the CPU reports no
+    memory), so a page always runs; its gpu-tier preset should be the 16 GiB one.
+    """
+    if not options:
+        raise ValueError("options is empty; map GiB needed -> preset, e.g. {16: cfg}")
+    if any(not isinstance(k, (int, float)) or k <= 0 for k in options):
+        raise ValueError(f"options keys must be positive GiB numbers, got "
+                         f"{sorted(options)}")
+    fits = [k for k in options if k * GiB <= headroom * caps.total_memory]
+    return options[max(fits) if fits else min(options)]
+
+
+@dataclass(frozen=True)
 class Runtime:
     """What ``setup`` decided: pass ``rt.device`` on, pick sizes with ``rt.pick``."""
 
@@ -87,6 +176,7 @@ class Runtime:
     tier: str  # "cpu" or "gpu": the size of the experiments
     seed: int  # the seed every random generator started from
     generator: torch.Generator  # a CPU generator seeded with `seed`
+    caps: DeviceCaps  # what the device can do (capability, memory, formats)
 
     def pick(self, presets: "Mapping[str, T] | Tiered[T]") -> T:
         """The preset for this tier from a ``{"cpu": ..., "gpu": ...}`` mapping."""
@@ -95,9 +185,21 @@ class Runtime:
                            f"they have {sorted(presets)}")
         return presets[self.tier]
 
+    def fit(self, options: Mapping[float, T]) -> T:
+        """On the gpu tier, ``fit_memory(options, rt.caps)``; on the cpu tier, the
+        smallest option (a page declares its cpu size as the smallest one)."""
+        if self.tier == "cpu":
+            return fit_memory(options, replace(self.caps, total_memory=0))
+        return fit_memory(options, self.caps)
+
+    @property
+    def precision(self) -> str:
+        """The training precision for this device: ``default_precision(rt.caps)``."""
+        return default_precision(self.caps)
+
     @property
     def banner(self) -> str:
-        return (f"llmcore | device: {self.device.type} ({device_name(self.device)}) | "
+        return (f"llmcore | device: {self.device.type} ({self.caps.describe()}) | "
                 f"tier: {self.tier} | torch {torch.__version__} | seed {self.seed}")
 
 
@@ -111,7 +213,7 @@ def setup(seed: int = 0, *, tier: str | None = None, device: str | None = None,
         ensure_packages()
     dev = select_device(device)
     rt = Runtime(device=dev, tier=select_tier(dev, tier), seed=seed,
-                 generator=seed_everything(seed))
+                 generator=seed_everything(seed), caps=device_caps(dev))
     if not quiet:
         print(rt.banner)
     return rt

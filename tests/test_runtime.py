@@ -97,3 +97,89 @@ def test_config_helpers_name_the_bad_field():
     assert override(Cfg(), width=16).width == 16
     with pytest.raises(ValueError, match=r"has no field\(s\) \['height'\]"):
         override(Cfg(), height=3)
+
+
+# ---------------------------------------------------------------- device capabilities
+
+class FakeProps:
+    """What torch.cuda.get_device_properties returns, for a GPU this machine lacks."""
+
+    def __init__(self, name, major, minor, gib, sms):
+        self.name, self.major, self.minor = name, major, minor
+        self.total_memory, self.multi_processor_count = gib * 2**30, sms
+
+
+GPUS = {  # name: (major, minor, GiB, SMs, expected default precision)
+    "Tesla T4": (7, 5, 15, 40, "fp16"),
+    "Tesla V100-SXM2-16GB": (7, 0, 16, 80, "fp16"),
+    "NVIDIA A100-SXM4-40GB": (8, 0, 40, 108, "bf16"),
+    "NVIDIA L4": (8, 9, 22, 58, "bf16"),
+    "NVIDIA H100 80GB HBM3": (9, 0, 80, 132, "bf16"),
+    "Tesla P100-PCIE-16GB": (6, 0, 16, 56, "fp32"),
+}
+
+
+def fake_gpu(monkeypatch, name):
+    major, minor, gib, sms, _ = GPUS[name]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: FakeProps(name, major, minor, gib, sms))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: None)  # no CUDA to seed
+
+
+@pytest.mark.parametrize("name", sorted(GPUS))
+def test_caps_and_default_precision_follow_compute_capability(monkeypatch, name):
+    major, minor, gib, sms, precision = GPUS[name]
+    fake_gpu(monkeypatch, name)
+    caps = runtime.device_caps("cuda")
+    assert caps == runtime.DeviceCaps("cuda", name, (major, minor), gib * 2**30, sms)
+    assert caps.fp16_tensor_cores == ((major, minor) >= (7, 0))
+    assert caps.bf16_tensor_cores == (major >= 8)
+    assert caps.fp8_tensor_cores == ((major, minor) >= (8, 9))
+    assert runtime.default_precision(caps) == precision
+    assert f"sm{major}{minor}" in caps.describe() and f"{gib} GiB" in caps.describe()
+
+
+def test_setup_on_a_fake_gpu_exposes_caps_and_precision(monkeypatch, capsys):
+    fake_gpu(monkeypatch, "Tesla T4")
+    monkeypatch.delenv("LLMCORE_TIER", raising=False)
+    rt = runtime.setup(seed=1)
+    assert rt.tier == "gpu" and rt.caps.name == "Tesla T4"
+    assert rt.precision == "fp16" and not rt.caps.fp8_tensor_cores
+    assert "Tesla T4, sm75" in capsys.readouterr().out
+
+
+def test_cpu_and_mps_have_no_tensor_core_formats(monkeypatch):
+    caps = runtime.device_caps("cpu")
+    assert caps.type == "cpu" and caps.capability is None and caps.total_memory == 0
+    assert not (caps.fp16_tensor_cores or caps.bf16_tensor_cores or caps.fp8_tensor_cores)
+    assert runtime.default_precision(caps) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.delenv("LLMCORE_TIER", raising=False)
+    mps = runtime.device_caps()
+    assert mps.type == "mps" and runtime.default_precision(mps) == "fp32"
+    # MPS runs the cpu-tier sizes.
+    assert runtime.select_tier(torch.device("mps")) == "cpu"
+
+
+def test_fit_memory_picks_the_largest_preset_the_device_holds(monkeypatch):
+    options = {16: "small", 40: "medium", 80: "large"}
+
+    def caps(gib):
+        return runtime.DeviceCaps("cuda", "x", (8, 0), gib * 2**30, 1)
+
+    assert runtime.fit_memory(options, caps(15)) == "small"  # a T4: nothing fits
+    assert runtime.fit_memory(options, caps(24)) == "small"
+    assert runtime.fit_memory(options, caps(44)) == "small"  # 40 > 0.9 * 44
+    assert runtime.fit_memory(options, caps(45)) == "medium"
+    assert runtime.fit_memory(options, caps(141)) == "large"
+    with pytest.raises(ValueError, match="options is empty"):
+        runtime.fit_memory({}, caps(16))
+    with pytest.raises(ValueError, match="positive GiB"):
+        runtime.fit_memory({0: "x"}, caps(16))
+    fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3")
+    rt = runtime.setup(quiet=True, tier="gpu")
+    assert rt.fit({16: "small", 40: "medium", 80: "large"}) == "medium"  # 80 > 72
+    assert runtime.setup(quiet=True, tier="cpu").fit(options) == "small"
