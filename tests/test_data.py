@@ -11,6 +11,8 @@ from llmcore.data import (
     IGNORE_INDEX, LMWindows, attention_mask_matrix, causal_lm_targets, collate,
     detection_loss, get_batch, load_token_cache, mask_tokens, pad_sequences,
     replace_tokens, split_tokens, write_token_cache)
+from llmcore.data import lm
+from llmcore.data.lm import token_dtype
 
 
 # ---------------------------------------------------------------- causal LM windows
@@ -105,6 +107,50 @@ def test_token_cache_rejects_bad_files(tmp_path):
         write_token_cache(good, [5, 11], vocab_size=10)
     # the failed write left the old file as it was and no temporary file behind
     assert good.read_bytes() == before and not list(tmp_path.glob("*.tmp"))
+
+
+def test_token_ids_past_two_to_the_32_do_not_wrap(tmp_path):
+    """A vocabulary beyond 2**32 ids needs 8 bytes per id; uint32 used to wrap 2**32
+    to 0 without a word."""
+    path = tmp_path / "big.bin"
+    ids = [0, 2**32 - 1, 2**32, 2**32 + 7]
+    assert write_token_cache(path, ids, vocab_size=2**32 + 8) == 4
+    back = load_token_cache(path)
+    assert back.dtype == np.uint64 and [int(i) for i in back] == ids
+    x, y = get_batch(back, 1, 3, generator=torch.Generator().manual_seed(0))
+    assert x.tolist() == [ids[:3]] and y.tolist() == [ids[1:]]
+    # the boundaries: exactly 2**16 and 2**32 ids still fit the smaller type
+    assert token_dtype(2**16) == np.uint16 and token_dtype(2**16 + 1) == np.uint32
+    assert token_dtype(2**32) == np.uint32 and token_dtype(2**32 + 1) == np.uint64
+    for bad in (0, 2.5, True, 2**64):
+        with pytest.raises(ValueError, match="vocab_size"):
+            token_dtype(bad)
+    with pytest.raises(ValueError, match="integers"):
+        write_token_cache(path, np.array([1.5]), vocab_size=10)
+
+
+def test_stride_zero_is_an_error_not_the_default():
+    """``stride or block_size`` used to turn stride=0 into block_size silently."""
+    with pytest.raises(ValueError, match="stride=0"):
+        LMWindows(torch.arange(101), block_size=10, stride=0)
+    with pytest.raises(ValueError, match="stride=-1"):
+        LMWindows(torch.arange(101), block_size=10, stride=-1)
+    assert LMWindows(torch.arange(101), 10, stride=None).stride == 10
+
+
+def test_token_cache_is_written_through_atomic_write(tmp_path, monkeypatch):
+    """One atomic write in the package: the cache goes through llmcore.io's."""
+    calls = []
+    real = lm.atomic_write
+
+    def spy(path, mode="wb", **kw):
+        calls.append((str(path), mode))
+        return real(path, mode, **kw)
+
+    monkeypatch.setattr(lm, "atomic_write", spy)
+    assert write_token_cache(tmp_path / "a.bin", [1, 2], vocab_size=3) == 2
+    assert calls == [(str(tmp_path / "a.bin"), "wb")]
+    assert list(load_token_cache(tmp_path / "a.bin")) == [1, 2]
 
 
 # ---------------------------------------------------------------- masked LM

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmcore.data import load_corpus
-from llmcore.tokenizer import BPETokenizer, CharTokenizer, pretokenize
+from llmcore.tokenizer import BPETokenizer, CharTokenizer, Tokenizer, pretokenize
 from llmcore.tokenizer.bpe import _merge, apply_merges, apply_merges_heap, learn_merges
 
 SPECIAL = ["<|endoftext|>", "<pad>"]
@@ -207,3 +207,46 @@ def test_char_tokenizer(shakespeare, tmp_path):
         tok.encode("日本")
     with pytest.raises(ValueError, match="outside"):
         tok.decode([tok.vocab_size])
+
+
+# ---------------------------------------------------------------- bad input (issue 11)
+
+@pytest.mark.parametrize("cls", [CharTokenizer, BPETokenizer])
+def test_special_tokens_as_a_bare_string_is_an_error(cls):
+    """A string is iterable: "<eos>" used to become five one-character tokens."""
+    text = "hello <eos> world"
+    train = (lambda **kw: cls.train(text, **kw)) if cls is CharTokenizer else \
+        (lambda **kw: cls.train(text, 260, **kw))
+    with pytest.raises(ValueError, match=r"special_tokens=\['<eos>'\]"):
+        train(special_tokens="<eos>")
+    tok = train(special_tokens=["<eos>"])
+    ids = tok.encode("hello <eos>")
+    assert ids.count(tok.special_tokens["<eos>"]) == 1
+    assert tok.decode(tok.encode("e o")) == "e o"  # ordinary letters stay ordinary
+
+
+def test_a_pattern_that_skips_characters_is_an_error():
+    """A split pattern must cover the text; one matching letters only used to drop
+    the spaces silently, so decode(encode(s)) != s."""
+    with pytest.raises(ValueError, match="does not cover the text.*' ' at position 2"):
+        BPETokenizer.train("ab cd", 260, pattern=r"[a-z]+")
+    with pytest.raises(ValueError, match="does not cover"):
+        pretokenize("ab!", pattern=r"[a-z]+")
+    tok = BPETokenizer([], pattern=r"[a-z]+")
+    with pytest.raises(ValueError, match="does not cover"):
+        tok.encode("ab cd")
+    with pytest.raises(ValueError, match="capturing groups"):
+        BPETokenizer([], pattern=r"([a-z]+)|\s+")
+    ok = BPETokenizer.train("ab cd", 260, pattern=r"[a-z]+|\s+|.")
+    assert ok.decode(ok.encode("ab cd!")) == "ab cd!"
+
+
+def test_base_holds_save_and_load_once(tmp_path):
+    """One load/save for both tokenizers, and each refuses the other's file."""
+    assert "load" not in vars(CharTokenizer) and "load" not in vars(BPETokenizer)
+    assert "save" not in vars(CharTokenizer) and "save" not in vars(BPETokenizer)
+    char = CharTokenizer.train("abc", ["<s>"])
+    char.save(tmp_path / "c.json")
+    assert isinstance(CharTokenizer.load(tmp_path / "c.json"), Tokenizer)
+    with pytest.raises(ValueError, match="does not hold a 'byte-bpe'"):
+        BPETokenizer.load(tmp_path / "c.json")

@@ -23,21 +23,23 @@ block_size)`` on ``device``. ``get_batch`` draws window starts uniformly with
 draws the same batches on every device. ``split_tokens`` keeps the order: the last
 ``val_fraction`` of the ids is the validation set, so no window straddles both.
 ``write_token_cache`` accepts one sequence of ids or an iterable of chunks (for a
-corpus encoded piece by piece), stores ``uint16`` when ``vocab_size <= 65536`` and
-``uint32`` otherwise, and writes atomically (a temporary file, then a rename).
+corpus encoded piece by piece), stores the smallest unsigned type that holds every id
+below ``vocab_size`` (``uint16`` up to 2**16 ids, ``uint32`` up to 2**32, then
+``uint64``), and writes atomically (``llmcore.io.atomic_write``).
 """
 
 from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from llmcore.io import atomic_write
 
 MAGIC = b"LLMCTOK1"  # first bytes of a token cache, so a stray file is not read as ids
 HEADER = struct.Struct("<8sQQ")  # magic, bytes per id, number of ids
@@ -110,7 +112,8 @@ class LMWindows(Dataset):
     def __init__(self, tokens, block_size: int, stride: int | None = None):
         self.tokens = _as_1d(tokens)
         self.block_size = block_size
-        self.stride = stride or block_size
+        # stride=0 is an error, not "the default": only None means block_size.
+        self.stride = block_size if stride is None else stride
         if block_size <= 0 or self.stride <= 0:
             raise ValueError(f"block_size={block_size} and stride={stride} must be "
                              "positive")
@@ -138,36 +141,40 @@ def _chunks(tokens) -> Iterable:
     return tokens
 
 
+def token_dtype(vocab_size: int) -> np.dtype:
+    """The smallest unsigned dtype that holds the ids ``0 .. vocab_size - 1``."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) \
+            or vocab_size <= 0:
+        raise ValueError(f"vocab_size={vocab_size!r} must be a positive int")
+    if vocab_size > 2**63:  # torch reads ids as int64
+        raise ValueError(f"vocab_size={vocab_size} has ids beyond int64")
+    for dtype in (np.uint16, np.uint32, np.uint64):
+        if vocab_size - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+
+
 def write_token_cache(path: str | os.PathLike, tokens: Sequence[int] | Iterable,
                       vocab_size: int) -> int:
     """Write ids to a ``.bin`` token cache atomically; return how many were written."""
-    if vocab_size <= 0:
-        raise ValueError(f"vocab_size={vocab_size} must be positive")
-    dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    dtype = token_dtype(vocab_size)
     count = 0
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(HEADER.pack(MAGIC, dtype.itemsize, 0))  # count filled in below
-            for chunk in _chunks(tokens):
-                if isinstance(chunk, torch.Tensor):
-                    chunk = chunk.cpu().numpy()
-                arr = np.asarray(chunk, dtype=np.int64).ravel()
-                if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-                    raise ValueError(f"token ids must lie in [0, vocab_size="
-                                     f"{vocab_size}), got [{arr.min()}, {arr.max()}]")
-                f.write(arr.astype(dtype).tobytes())
-                count += arr.size
-            f.seek(0)
-            f.write(HEADER.pack(MAGIC, dtype.itemsize, count))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # The count is known only at the end (chunks may be a generator): the header is
+    # written first with 0 and rewritten after a seek, all inside the atomic file.
+    with atomic_write(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, dtype.itemsize, 0))
+        for chunk in _chunks(tokens):
+            if isinstance(chunk, torch.Tensor):
+                chunk = chunk.cpu().numpy()
+            arr = np.asarray(chunk).ravel()
+            if arr.size and arr.dtype.kind not in "iu":
+                raise ValueError(f"token ids must be integers, got {arr.dtype}")
+            if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+                raise ValueError(f"token ids must lie in [0, vocab_size="
+                                 f"{vocab_size}), got [{arr.min()}, {arr.max()}]")
+            f.write(arr.astype(dtype).tobytes())
+            count += arr.size
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC, dtype.itemsize, count))
     return count
 
 
@@ -180,7 +187,7 @@ def load_token_cache(path: str | os.PathLike) -> np.memmap:
         raise ValueError(f"{path} is not a token cache written by write_token_cache "
                          "(wrong header); rebuild it with write_token_cache")
     _, itemsize, count = HEADER.unpack(head)
-    dtype = {2: np.uint16, 4: np.uint32}.get(itemsize)
+    dtype = {2: np.uint16, 4: np.uint32, 8: np.uint64}.get(itemsize)
     expected = HEADER.size + itemsize * count
     if dtype is None or path.stat().st_size != expected:
         raise ValueError(f"{path} is truncated or corrupt: expected {expected} bytes "

@@ -23,27 +23,24 @@ Public API::
     BPETokenizer.train(text, vocab_size, special_tokens=())  # classmethod, -> tokenizer
     tok.encode(text, allow_special=True) -> list[int]
     tok.decode(ids) -> str              # invalid UTF-8 (a cut character) becomes U+FFFD
-    tok.decode_bytes(ids) -> bytes
-    tok.token_bytes(id) -> bytes        # what one id stands for
-    tok.save(path); BPETokenizer.load(path) -> BPETokenizer   # JSON, atomic write
+    tok.decode_bytes(ids) -> bytes; tok.token_bytes(id) -> bytes  # what ids stand for
+    tok.save(path); BPETokenizer.load(path)  # JSON (llmcore.tokenizer.base)
     tok.vocab_size, len(tok), tok.merges, tok.special_tokens  # {token string: id}
     pretokenize(text, pattern=PRETOKEN_PATTERN) -> list[str]
 
 Ids: 0-255 are the bytes, 256 + k is the k-th merge, the special tokens come last.
-``vocab_size`` in ``train`` counts all three; fewer merges are learned only when the
-text runs out of pairs.
+``vocab_size`` in ``train`` counts all three (fewer merges only if pairs run out).
+A ``pattern`` must cover the whole text; one that skips a character is an error.
 """
 
 from __future__ import annotations
 
 import heapq
-import os
 import re
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
-from llmcore.tokenizer.char import (
-    check_special_tokens, read_json, special_splitter, write_json_atomic)
+from llmcore.tokenizer.base import Tokenizer, check_special_tokens, special_splitter
 
 # GPT-2's pre-tokenizer, for the standard library's `re` (no \p{L}): contractions,
 # letters ([^\W\d_] is "a word character but not a digit or _"), digits, other
@@ -54,9 +51,34 @@ CACHE_SIZE = 200_000  # pre-tokens remembered by encode before the cache is empt
 LONG_WORD = 64  # bytes: longer pre-tokens are encoded with a heap, not a rescan
 
 
+def compile_pattern(pattern: str) -> re.Pattern:
+    """The pre-token regex, without capturing groups (``findall`` returns those)."""
+    pre = re.compile(pattern)
+    if pre.groups:
+        raise ValueError(f"pattern {pattern!r} has capturing groups; write them as "
+                         "non-capturing (?:...) so each match is a whole pre-token")
+    return pre
+
+
+def _findall(pre: re.Pattern, text: str) -> list[str]:
+    """The pre-tokens of ``text``; an error if they skip a character of it."""
+    words = pre.findall(text)
+    if sum(map(len, words)) != len(text):
+        lost = 0  # the first character no match starts at
+        for m in pre.finditer(text):
+            if m.start() != lost:
+                break
+            lost = m.end()
+        raise ValueError(f"the pre-token pattern {pre.pattern!r} does not cover the "
+                         f"text: character {text[lost]!r} at position {lost} matches "
+                         "no alternative; end the pattern with a catch-all such as "
+                         r"'|\s+|.' (or use PRETOKEN_PATTERN)")
+    return words
+
+
 def pretokenize(text: str, pattern: str = PRETOKEN_PATTERN) -> list[str]:
     """Cut ``text`` into the pieces that merges stay inside; they join back to it."""
-    return re.findall(pattern, text)
+    return _findall(compile_pattern(pattern), text)
 
 
 def _pairs(word: Sequence[int]) -> Counter:
@@ -171,8 +193,10 @@ def apply_merges_heap(ids: list[int], ranks: dict[tuple[int, int], int]) -> list
     return out
 
 
-class BPETokenizer:
+class BPETokenizer(Tokenizer):
     """A byte-level BPE tokenizer: 256 byte ids, learned merges, then special tokens."""
+
+    KIND = "byte-bpe"
 
     def __init__(self, merges: Iterable[Sequence[int]],
                  special_tokens: Iterable[str] = (), pattern: str = PRETOKEN_PATTERN):
@@ -183,12 +207,10 @@ class BPETokenizer:
                 raise ValueError(f"merge {k} = {(a, b)} uses an id not yet defined")
             self.vocab.append(self.vocab[a] + self.vocab[b])
         self.ranks = {pair: 256 + k for k, pair in enumerate(self.merges)}
-        special = check_special_tokens(special_tokens)
-        self.special_tokens = {s: len(self.vocab) + i for i, s in enumerate(special)}
+        self._init_special(special_tokens, len(self.vocab))
         self.special_ids = {i: s for s, i in self.special_tokens.items()}
         self.pattern = pattern
-        self._pre = re.compile(pattern)
-        self._splitter = special_splitter(special)
+        self._pre = compile_pattern(pattern)
         self._cache: dict[str, list[int]] = {}
 
     @classmethod
@@ -205,10 +227,10 @@ class BPETokenizer:
         splitter = special_splitter(special)
         pieces = splitter.split(text) if splitter else [text]
         counts: Counter = Counter()
-        pre = re.compile(pattern)
+        pre = compile_pattern(pattern)
         for piece in pieces:
             if piece not in special:
-                counts.update(pre.findall(piece))
+                counts.update(_findall(pre, piece))
         word_counts = {w.encode("utf-8", "surrogatepass"): c for w, c in counts.items()}
         merges = learn_merges(word_counts, vocab_size - 256 - len(special))
         return cls(merges, special, pattern)
@@ -216,9 +238,6 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.vocab) + len(self.special_tokens)
-
-    def __len__(self) -> int:
-        return self.vocab_size
 
     def _encode_word(self, word: str) -> list[int]:
         ids = list(word.encode("utf-8", "surrogatepass"))
@@ -228,7 +247,7 @@ class BPETokenizer:
 
     def _encode_ordinary(self, text: str, out: list[int]) -> None:
         cache = self._cache
-        for word in self._pre.findall(text):
+        for word in _findall(self._pre, text):
             ids = cache.get(word)
             if ids is None:
                 ids = self._encode_word(word)
@@ -270,21 +289,12 @@ class BPETokenizer:
         except UnicodeDecodeError:  # e.g. ids cut in the middle of a character
             return data.decode("utf-8", "replace")
 
-    def save(self, path: str | os.PathLike) -> None:
-        write_json_atomic(path, {"type": "byte-bpe", "version": 1,
-                                 "pattern": self.pattern,
-                                 "merges": [list(m) for m in self.merges],
-                                 "special_tokens": list(self.special_tokens)})
+    def _fields(self) -> dict:
+        return {"pattern": self.pattern, "merges": [list(m) for m in self.merges]}
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "BPETokenizer":
-        obj = read_json(path, "byte-bpe")
-        try:
-            return cls(obj["merges"], obj["special_tokens"], obj["pattern"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"{path} is a damaged byte-bpe tokenizer file ({err!r})"
-                             ) from None
+    def _from_fields(cls, obj: dict, special_tokens: list[str]) -> "BPETokenizer":
+        return cls(obj["merges"], special_tokens, obj["pattern"])
 
     def __repr__(self) -> str:
-        return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}"
-                f", special_tokens={list(self.special_tokens)})")
+        return super().__repr__()[:-1] + f", merges={len(self.merges)})"
