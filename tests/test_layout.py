@@ -1,0 +1,154 @@
+"""The package's layout, checked by walking its imports (issue 10).
+
+Every module of ``llmcore`` is parsed with ``ast``; nothing is imported. The rules:
+files of at most 300 lines; no import cycle between modules (module-level imports);
+no function-local import of an llmcore module; the library never imports the book's
+experiments (``llmcore.parallel.experiments``: only experiments, apps, bench and book
+sit on top of it); at most six modules at the top level besides the subpackages.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "llmcore"
+MAX_LINES = 300
+MAX_TOP_MODULES = 6
+EXPERIMENTS = "llmcore.parallel.experiments"
+ON_TOP = ("llmcore.parallel.experiments", "llmcore.apps", "llmcore.bench",
+          "llmcore.book")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))
+           if "__pycache__" not in p.parts}
+
+
+def resolve(node: ast.ImportFrom, current: str, is_package: bool) -> str:
+    """The absolute module a ``from ... import`` names (relative imports resolved)."""
+    if not node.level:
+        return node.module or ""
+    base = current.split(".")
+    base = base if is_package else base[:-1]
+    base = base[:len(base) - (node.level - 1)]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
+def targets(node: ast.AST, current: str, is_package: bool) -> list[str]:
+    """The llmcore modules an import statement loads (``from m import x`` loads m,
+    and m.x where m.x is a module)."""
+    if isinstance(node, ast.Import):
+        names = [a.name for a in node.names]
+    elif isinstance(node, ast.ImportFrom):
+        mod = resolve(node, current, is_package)
+        names = [mod] + [f"{mod}.{a.name}" for a in node.names
+                         if f"{mod}.{a.name}" in MODULES]
+    else:
+        return []
+    return [n for n in names if n == "llmcore" or n.startswith("llmcore.")]
+
+
+def import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Module-level import edges, and every import found inside a function."""
+    graph: dict[str, set[str]] = {name: set() for name in MODULES}
+    local: list[str] = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        is_package = path.name == "__init__.py"
+        funcs = [n for n in ast.walk(tree)
+                 if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        in_func = {id(sub) for f in funcs for sub in ast.walk(f)}
+        for node in ast.walk(tree):
+            found = targets(node, name, is_package)
+            if not found:
+                continue
+            if id(node) in in_func:
+                local += [f"{name} (line {node.lineno}) imports {t}" for t in found]
+            else:
+                graph[name].update(t for t in found if t in MODULES and t != name)
+    return graph, local
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle as a list of modules, or None (depth-first search)."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def importers_allowed(name: str) -> bool:
+    return any(name == top or name.startswith(top + ".") for top in ON_TOP)
+
+
+def test_every_file_has_at_most_300_lines():
+    long = {name: n for name, p in MODULES.items()
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+def test_no_import_cycle():
+    graph, _ = import_graph()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_no_function_local_import_of_llmcore():
+    _, local = import_graph()
+    assert not local, "imports inside functions:\n" + "\n".join(local)
+
+
+def test_the_library_never_imports_the_experiments():
+    graph, _ = import_graph()
+    bad = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
+                 if (b == EXPERIMENTS or b.startswith(EXPERIMENTS + "."))
+                 and not importers_allowed(a))
+    assert not bad, f"library modules importing {EXPERIMENTS}: {bad}"
+
+
+def test_at_most_six_top_level_modules():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+    assert len(top) <= MAX_TOP_MODULES, f"top-level modules: {top}"
+
+
+# ---------------------------------------------------------------- the checker itself
+
+def test_cycle_finder_finds_a_cycle_and_accepts_a_tree():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("source, current, is_package, expected", [
+    ("from llmcore.nn import swap", "llmcore.apps.lora", False,
+     ["llmcore.nn", "llmcore.nn.swap"]),
+    ("from . import swap", "llmcore.nn", True, ["llmcore.nn", "llmcore.nn.swap"]),
+    ("from ..config import Tiered", "llmcore.nn.swap", False, ["llmcore.config"]),
+    ("import llmcore.runtime as rt", "llmcore.book.colab", False, ["llmcore.runtime"]),
+    ("import torch", "llmcore.runtime", False, []),
+])
+def test_import_edges_resolve_relative_and_from_imports(source, current, is_package,
+                                                        expected):
+    node = ast.parse(source).body[0]
+    assert targets(node, current, is_package) == expected
