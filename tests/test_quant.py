@@ -101,6 +101,17 @@ def test_pack_int4_roundtrip():
     assert torch.equal(unpack_int4(packed), q)
 
 
+@pytest.mark.parametrize("bad", [8, -9, 17, 127])
+def test_pack_int4_refuses_values_outside_int4(bad):
+    """Masking to 4 bits used to wrap them silently: 8 came back as -8, 17 as 1."""
+    q = torch.zeros(2, 4, dtype=torch.int8)
+    q[1, 2] = bad
+    with pytest.raises(ValueError, match=r"outside int4's \[-8, 7\]"):
+        pack_int4(q)
+    with pytest.raises(ValueError, match="integers"):
+        pack_int4(torch.zeros(2, 4))
+
+
 @pytest.mark.parametrize("bits,group_size,ratio", [(8, None, 0.3), (4, 32, 0.2)])
 def test_quantize_weights_module(bits, group_size, ratio):
     torch.manual_seed(0)

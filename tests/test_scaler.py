@@ -131,3 +131,37 @@ def test_autocast_table_and_saved_bytes():
         (x @ w).sum()
     assert mem32["bytes"] == (32 * 64 + 64 * 64) * 4  # both matmul operands, fp32
     assert mem16["bytes"] == (32 * 64 + 64 * 64) * 2  # their bf16 copies
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan"), 0.0, -1.0])
+def test_initial_scale_must_be_finite_and_positive(bad):
+    """An infinite initial scale turns every gradient into inf: every step skipped."""
+    with pytest.raises(ValueError, match="init_scale must be finite and > 0"):
+        LossScaler(init_scale=bad)
+
+
+def test_one_host_sync_per_step_not_one_per_parameter(monkeypatch):
+    """GradScaler reads the device once per step (in ``step``); LossScaler used to call
+    ``bool()`` on every parameter's finiteness check. Count the host reads."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])  # 12 params
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = LossScaler(init_scale=4.0, growth_interval=2)
+    reads = []
+    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "item",
+                        lambda t: reads.append("item") or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "__bool__",
+                        lambda t: reads.append("bool") or real_bool(t))
+    for poison in (None, None, float("inf"), None):
+        reads.clear()
+        opt.zero_grad()
+        s.scale(model(torch.ones(3, 4)).sum()).backward()
+        if poison is not None:
+            model[3].weight.grad[0, 0] = poison
+        s.unscale_(opt)
+        s.step(opt)
+        s.update()
+        assert reads == ["item"], reads  # the skip decision, nothing else
+    monkeypatch.undo()
+    # and the decisions are still GradScaler's: grow at 2 clean steps, then back off
+    assert s.get_scale() == 4.0 * 2 * 0.5

@@ -107,6 +107,13 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Two int4 values (in -8..7) per byte along the last dim, which must be even."""
     if q.shape[-1] % 2:
         raise ValueError(f"q's last dimension must be even to pack int4, got {q.shape}")
+    if q.is_floating_point() or q.is_complex():
+        raise ValueError(f"q must hold integers (from quantize), got {q.dtype}")
+    # A nibble keeps the low 4 bits: 8 would come back as -8, 17 as 1. One check per
+    # tensor (packing happens once, when a model is quantized).
+    if q.numel() and not bool(((q >= -8) & (q <= 7)).all()):
+        raise ValueError(f"q holds values in [{int(q.min())}, {int(q.max())}], outside "
+                         "int4's [-8, 7]; quantize with bits=4 before packing")
     u = (q.to(torch.int16) & 0xF).to(torch.uint8)
     return u[..., 0::2] | (u[..., 1::2] << 4)
 

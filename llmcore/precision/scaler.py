@@ -10,6 +10,8 @@ row (Micikevicius et al., 2018, "Mixed Precision Training").
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -18,13 +20,18 @@ class LossScaler:
 
     Use it as ``scaler.scale(loss).backward(); scaler.step(opt); scaler.update()``,
     optionally with ``scaler.unscale_(opt)`` before ``step`` to clip gradients.
+    Like GradScaler it reads the device once per step: the inf/NaN check of all
+    gradients and the scale's update stay on the device, and only ``step`` asks the
+    host whether to skip (one ``.item()``).
     """
 
     def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000,
                  enabled: bool = True):
-        if not init_scale > 0:
-            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        # An infinite scale makes every gradient inf, so every step would be skipped.
+        if not (math.isfinite(init_scale) and init_scale > 0):
+            raise ValueError(f"init_scale must be finite and > 0, got {init_scale}; "
+                             "the usual start is 2.0**16")
         if not growth_factor > 1.0:
             raise ValueError(f"growth_factor must be > 1, got {growth_factor}")
         if not 0.0 < backoff_factor < 1.0:
@@ -32,14 +39,17 @@ class LossScaler:
         if not (isinstance(growth_interval, int) and growth_interval > 0):
             raise ValueError(f"growth_interval must be a positive int, "
                              f"got {growth_interval!r}")
-        # fp32, like GradScaler's scale tensor, so both round the same way.
+        # fp32, like GradScaler's scale tensor, so both round the same way. Scale and
+        # tracker move to the loss's device on first use and stay there.
         self._scale = torch.tensor(float(init_scale), dtype=torch.float32)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32)  # clean steps
         self._growth_factor = growth_factor
         self._backoff_factor = backoff_factor
         self._growth_interval = growth_interval
-        self._growth_tracker = 0  # clean steps since the last change of scale
         self._enabled = enabled
-        self._found_inf: dict[int, bool] = {}  # per optimizer, since the last update
+        # per optimizer since the last update: a 0-d float tensor, 1.0 if any
+        # gradient was inf/NaN (on the device, not read yet)
+        self._found_inf: dict[int, torch.Tensor] = {}
 
     def is_enabled(self) -> bool:
         return self._enabled
@@ -51,11 +61,14 @@ class LossScaler:
         """``loss * S``: call ``.backward()`` on the result."""
         if not self._enabled:
             return loss
-        return loss * self._scale.to(device=loss.device, dtype=loss.dtype)
+        if self._scale.device != loss.device:
+            self._scale = self._scale.to(loss.device)
+            self._growth_tracker = self._growth_tracker.to(loss.device)
+        return loss * self._scale.to(dtype=loss.dtype)
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide the gradients of ``optimizer``'s parameters by S, in place, and note
-        whether any of them is inf or NaN. At most once per optimizer per ``update``."""
+        on the device whether any of them is inf or NaN. Once per ``update``."""
         if not self._enabled:
             return
         if id(optimizer) in self._found_inf:
@@ -63,7 +76,7 @@ class LossScaler:
                                "since the last update()")
         # GradScaler computes 1/S in float64 and rounds it to fp32; so do we.
         inv_scale = self._scale.double().reciprocal().float()
-        found_inf = False
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -72,23 +85,29 @@ class LossScaler:
                     raise ValueError("unscale_: a parameter has an fp16 gradient; keep "
                                      "fp32 master weights (autocast does) and scale "
                                      "only the loss")
-                found_inf |= not bool(torch.isfinite(p.grad).all())
-                p.grad.mul_(inv_scale.to(p.grad.device))
-        self._found_inf[id(optimizer)] = found_inf
+                by_device.setdefault(p.grad.device, []).append(p.grad)
+        found = torch.zeros((), device=self._scale.device)
+        for device, grads in by_device.items():
+            # one reduction per device, no host round trip per parameter
+            finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
+            found = torch.maximum(found, (~finite).float().to(found.device))
+            torch._foreach_mul_(grads, inv_scale.to(device))
+        self._found_inf[id(optimizer)] = found
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
         """``optimizer.step()`` unless a gradient was inf/NaN; then the step is skipped
-        and None returned."""
+        and None returned. The one host synchronisation of a step is here."""
         if not self._enabled:
             return optimizer.step(*args, **kwargs)
         if id(optimizer) not in self._found_inf:
             self.unscale_(optimizer)
-        if self._found_inf[id(optimizer)]:
+        if self._found_inf[id(optimizer)].item():
             return None
         return optimizer.step(*args, **kwargs)
 
     def update(self, new_scale: float | None = None) -> None:
-        """Back off after an overflow, grow after ``growth_interval`` clean steps."""
+        """Back off after an overflow, grow after ``growth_interval`` clean steps;
+        computed on the device with ``torch.where``, so no synchronisation."""
         if not self._enabled:
             return
         if new_scale is not None:
@@ -96,16 +115,16 @@ class LossScaler:
         elif not self._found_inf:
             raise RuntimeError("update(): no inf checks were recorded; call step() or "
                                "unscale_() on an optimizer first")
-        elif any(self._found_inf.values()):
-            self._scale.mul_(self._backoff_factor)
-            self._growth_tracker = 0
         else:
-            self._growth_tracker += 1
-            if self._growth_tracker == self._growth_interval:
-                grown = self._scale * self._growth_factor
-                if torch.isfinite(grown):  # never grow into inf
-                    self._scale = grown
-                self._growth_tracker = 0
+            found = torch.stack(list(self._found_inf.values())).amax() > 0
+            clean = self._growth_tracker + 1
+            grow = clean == self._growth_interval
+            grown = self._scale * self._growth_factor
+            grown = torch.where(torch.isfinite(grown), grown, self._scale)  # never inf
+            self._scale = torch.where(
+                found, self._scale * self._backoff_factor,
+                torch.where(grow, grown, self._scale))
+            self._growth_tracker = torch.where(found | grow, 0, clean).int()
         self._found_inf = {}
 
     def state_dict(self) -> dict:
@@ -114,7 +133,7 @@ class LossScaler:
         return {"scale": self.get_scale(), "growth_factor": self._growth_factor,
                 "backoff_factor": self._backoff_factor,
                 "growth_interval": self._growth_interval,
-                "_growth_tracker": self._growth_tracker}
+                "_growth_tracker": int(self._growth_tracker.item())}
 
     def load_state_dict(self, state: dict) -> None:
         if not self._enabled:
@@ -122,11 +141,14 @@ class LossScaler:
         if not state:
             raise RuntimeError("load_state_dict: the state is empty; it came from a "
                                "disabled scaler")
-        self._scale = torch.tensor(float(state["scale"]), dtype=torch.float32)
+        device = self._scale.device
+        self._scale = torch.tensor(float(state["scale"]), dtype=torch.float32,
+                                   device=device)
         self._growth_factor = state["growth_factor"]
         self._backoff_factor = state["backoff_factor"]
         self._growth_interval = state["growth_interval"]
-        self._growth_tracker = state["_growth_tracker"]
+        self._growth_tracker = torch.tensor(int(state["_growth_tracker"]),
+                                            dtype=torch.int32, device=device)
 
 
 def underflow_fraction(tensors, dtype: torch.dtype = torch.float16,
