@@ -222,3 +222,89 @@ def test_mha_bad_inputs():
         mha(torch.randn(2, 7, 16), attn_mask=torch.ones(6, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="attn_mask must be torch.bool"):
         mha(torch.randn(2, 7, 16), attn_mask=torch.ones(7, 7, dtype=torch.long))
+
+
+# ------------------------------------------------- fused q/k/v and sharded heads
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_qkv_matches_separate_forward_and_gradients(bias):
+    torch.manual_seed(0)
+    sep = MultiHeadAttention(16, 4, bias=bias)
+    fused = MultiHeadAttention(16, 4, bias=bias, fused_qkv=True)
+    assert not hasattr(fused, "q_proj") and fused.qkv_proj.weight.shape == (48, 16)
+    fused.load_state_dict(sep.state_dict())  # separate -> fused
+    # rows [q; k; v]: the fused matrix is the three stacked
+    torch.testing.assert_close(fused.qkv_proj.weight, torch.cat(
+        [sep.q_proj.weight, sep.k_proj.weight, sep.v_proj.weight]))
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    xf = x.detach().clone().requires_grad_(True)
+    out, out_f = sep(x, is_causal=True), fused(xf, is_causal=True)
+    torch.testing.assert_close(out_f, out, atol=ATOL, rtol=ATOL)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_f.backward(grad)
+    torch.testing.assert_close(xf.grad, x.grad, atol=ATOL, rtol=ATOL)
+    sep_grad = torch.cat([p.weight.grad for p in (sep.q_proj, sep.k_proj, sep.v_proj)])
+    torch.testing.assert_close(fused.qkv_proj.weight.grad, sep_grad, atol=ATOL,
+                               rtol=ATOL)
+    # cross-attention through the fused rows: each input meets its own third
+    mem = torch.randn(3, 5, 16)
+    torch.testing.assert_close(fused(x, mem), sep(x, mem), atol=ATOL, rtol=ATOL)
+
+
+def test_fused_state_dict_loads_into_separate_projections():
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(16, 4, fused_qkv=True)
+    sep = MultiHeadAttention(16, 4)
+    sep.load_state_dict(fused.state_dict())  # fused -> separate
+    assert set(sep.state_dict()) == {f"{p}.{n}" for p in (
+        "q_proj", "k_proj", "v_proj", "out_proj") for n in ("weight", "bias")}
+    x = torch.randn(2, 6, 16)
+    torch.testing.assert_close(sep(x), fused(x), atol=ATOL, rtol=ATOL)
+    # inside a bigger model the prefix is kept
+    outer = nn.ModuleDict({"attn": MultiHeadAttention(16, 4, fused_qkv=True)})
+    outer.load_state_dict({f"attn.{k}": v for k, v in sep.state_dict().items()})
+    torch.testing.assert_close(outer["attn"](x), sep(x), atol=ATOL, rtol=ATOL)
+
+
+def shard_heads(full: MultiHeadAttention, rank: int, world: int) -> MultiHeadAttention:
+    """A copy keeping heads [rank * nh/world, ...) by hand: q/k/v rows, out_proj columns."""
+    part = MultiHeadAttention(full.d_model, full.n_heads, bias=True,
+                              fused_qkv=full.fused_qkv)
+    c = full.d_model
+    lo, hi = rank * c // world, (rank + 1) * c // world
+    with torch.no_grad():
+        if full.fused_qkv:  # keep this rank's slice of q, of k and of v
+            rows = torch.cat([torch.arange(lo, hi) + i * c for i in range(3)])
+            part.qkv_proj = nn.Linear(c, 3 * (hi - lo))
+            part.qkv_proj.weight.copy_(full.qkv_proj.weight[rows])
+            part.qkv_proj.bias.copy_(full.qkv_proj.bias[rows])
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                lin = nn.Linear(c, hi - lo)
+                lin.weight.copy_(getattr(full, name).weight[lo:hi])
+                lin.bias.copy_(getattr(full, name).bias[lo:hi])
+                setattr(part, name, lin)
+        part.out_proj = nn.Linear(hi - lo, c)
+        part.out_proj.weight.copy_(full.out_proj.weight[:, lo:hi])
+        # the bias is added once, after the partial sums
+        part.out_proj.bias.copy_(full.out_proj.bias if rank == 0 else 0)
+    return part.eval()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("use_sdpa", [True, False])
+def test_head_sharded_attention_sums_to_the_full_module(fused, use_sdpa):
+    torch.manual_seed(0)
+    full = MultiHeadAttention(16, 4, fused_qkv=fused, use_sdpa=use_sdpa).eval()
+    x = torch.randn(2, 7, 16)
+    halves = [shard_heads(full, r, 2) for r in range(2)]
+    for h in halves:
+        h.use_sdpa = use_sdpa
+    partial = [h(x, is_causal=True) for h in halves]
+    torch.testing.assert_close(partial[0] + partial[1], full(x, is_causal=True),
+                               atol=ATOL, rtol=ATOL)
+    # two heads per half, also through a KV cache (B, 2, T, hs)
+    cache = KVCache(max_len=8)
+    halves[1](x[:, :5], is_causal=True, kv_cache=cache)
+    assert cache.k.shape == (2, 2, 5, 4)

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from llmcore.nn import (DecoderBlock, EncoderBlock, KVCache, causal_mask,
+from llmcore.nn import (DecoderBlock, EncoderBlock, GPTBlock, KVCache, causal_mask,
                         load_torch_weights)
 
 D, NH, FF = 16, 4, 24
@@ -110,3 +110,32 @@ def test_block_bad_inputs():
     dec = DecoderBlock(D, NH, FF)
     with pytest.raises(ValueError, match=r"key .*\(2, T, 16\)"):
         dec(torch.randn(2, 4, D), torch.randn(3, 7, D))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_gpt_block_with_kv_cache_and_its_dropout_placement(static):
+    torch.manual_seed(0)
+    block = GPTBlock(D, NH, dropout=0.5).eval()
+    x = torch.randn(2, 9, D)
+    full = block(x)
+    cache = KVCache(max_len=12 if static else None)
+    parts = [block(x[:, :5], kv_cache=cache)]
+    parts += [block(x[:, t:t + 1], kv_cache=cache) for t in range(5, 9)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
+    # GPT-2: dropout on the attention weights and the two residual branches only
+    assert block.self_attn.dropout == 0.5 and block.ffn.dropout.p == 0.0
+    assert block.dropout1.p == block.dropout2.p == 0.5
+    block.train()
+    torch.manual_seed(1)
+    assert not torch.allclose(block(x), full)
+
+
+def test_gpt_block_loads_torch_encoder_layer_weights():
+    ref = randomize(nn.TransformerEncoderLayer(D, NH, 4 * D, dropout=0.0,
+                                               activation="gelu", batch_first=True,
+                                               norm_first=True, bias=True)).eval()
+    mine = GPTBlock(D, NH, bias=True).eval()
+    load_torch_weights(mine, ref)  # packed in_proj -> fused qkv_proj
+    x = torch.randn(3, 7, D)
+    torch.testing.assert_close(mine(x), ref(x, src_mask=~causal_mask(7),
+                                            is_causal=True), **TOL)

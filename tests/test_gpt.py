@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.nn import EncoderBlock, GPTBlock, LayerNorm
+from llmcore.nn.swap import swap_modules
 
 CFG = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
 
@@ -101,3 +103,53 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.5
+
+
+def test_blocks_are_gpt_blocks_with_fused_qkv_and_fused_norms():
+    m = model()
+    assert all(type(b) is GPTBlock and not isinstance(b, EncoderBlock)
+               for b in m.blocks)
+    attn = m.blocks[0].self_attn
+    assert attn.fused_qkv and attn.qkv_proj.weight.shape == (3 * 32, 32)
+    assert type(m.ln_f) is torch.nn.LayerNorm and type(m.blocks[0].norm1) is \
+        torch.nn.LayerNorm
+    assert not CFG.bias and all(b.ffn.linear1.bias is None for b in m.blocks)
+    assert m.blocks[0].ffn.dropout.p == 0.0  # GPT-2: no dropout inside the MLP
+
+
+def test_fused_norms_match_the_hand_written_twins():
+    m = model(bias=True)
+    with torch.no_grad():  # non-trivial gains and shifts
+        for name, p in m.named_parameters():
+            if "norm" in name or "ln_f" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.3)
+    state = m.state_dict()
+    hand = model(bias=True)
+    swapped = swap_modules(hand, lambda mod, _: isinstance(mod, torch.nn.LayerNorm),
+                           lambda mod: LayerNorm(mod.normalized_shape, mod.eps))
+    assert len(swapped) == 2 * 2 + 1
+    hand.load_state_dict(state)  # same names: weight, bias
+    idx = torch.randint(50, (2, 16))
+    torch.testing.assert_close(hand(idx)[0], m(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_is_the_trunk_and_old_separate_qkv_checkpoints_load():
+    m = model()
+    idx = torch.randint(50, (2, 16))
+    h = m.hidden(idx)
+    assert h.shape == (2, 16, 32)
+    torch.testing.assert_close(m.lm_head(h), m(idx)[0])
+    # a checkpoint with separate q/k/v projections (the layout before fusing) loads
+    state = {}
+    for k, v in m.state_dict().items():
+        if "qkv_proj" in k:
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3)):
+                state[k.replace("qkv_proj", name)] = part
+        else:
+            state[k] = v
+    other = model()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    other.load_state_dict(state)
+    torch.testing.assert_close(other(idx)[0], m(idx)[0])

@@ -25,13 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.nn import EncoderBlock, LayerNorm, LearnedPositionalEmbedding
+from llmcore.nn import EncoderBlock, LearnedPositionalEmbedding, make_norm
 from llmcore.nn.loss import lm_loss
 
 
 @dataclass(frozen=True)
 class BertConfig(GPTConfig):
-    """The shape of a BERT-style encoder: the same fields, and checks, as a GPT's.
+    """The shape of a BERT-style encoder: the same fields, defaults and checks as a
+    GPT's (so biases are off by default here too, unlike the paper's BERT: chapter 7
+    compares the objectives on one architecture).
 
     ``vocab_size`` includes the [MASK] id; ``block_size`` is the longest sequence.
     """
@@ -69,7 +71,7 @@ class Embeddings(nn.Module):
         super().__init__()
         self.tok_emb = nn.Embedding(vocab_size, n_embd)
         self.pos_emb = LearnedPositionalEmbedding(block_size, n_embd)
-        self.norm = LayerNorm(n_embd, bias=bias)
+        self.norm = make_norm("layernorm", n_embd, bias=bias)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, idx: Tensor) -> Tensor:
@@ -86,7 +88,7 @@ class TransformerEncoder(nn.Module):
             EncoderBlock(n_embd, n_head, 4 * n_embd, dropout, activation="gelu",
                          norm_first=True, bias=bias, use_sdpa=use_sdpa)
             for _ in range(n_layer))
-        self.norm = LayerNorm(n_embd, bias=bias)
+        self.norm = make_norm("layernorm", n_embd, bias=bias)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         for block in self.blocks:
@@ -105,7 +107,7 @@ class MLMHead(nn.Module):
         super().__init__()
         vocab_size, emb_dim = embedding.weight.shape
         self.dense = nn.Linear(n_embd, emb_dim, bias=bias)
-        self.norm = LayerNorm(emb_dim, bias=bias)
+        self.norm = make_norm("layernorm", emb_dim, bias=bias)
         self.embedding = embedding  # shared, not a copy
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 

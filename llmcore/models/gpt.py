@@ -4,9 +4,9 @@ Radford et al., "Language Models are Unsupervised Multitask Learners" (2019): to
 learned position embeddings, a stack of pre-LN blocks (causal self-attention + GELU
 feed-forward), a final LayerNorm, and an output layer that shares its weights with the
 token embedding (Press & Wolf, "Using the Output Embedding to Improve Language Models",
-2017). The blocks are ``llmcore.nn.EncoderBlock`` with ``norm_first=True`` and
-``is_causal=True``; attention runs on PyTorch's fused SDPA kernel unless
-``use_sdpa=False`` asks for the hand-written one.
+2017). The blocks are ``llmcore.nn.GPTBlock``: one fused q/k/v projection, GPT-2's
+dropout placement, PyTorch's fused LayerNorm kernel; attention runs on PyTorch's fused
+SDPA kernel unless ``use_sdpa=False`` asks for the hand-written one.
 
 Initialisation follows GPT-2: every weight from N(0, 0.02), biases zero, and the two
 projections that write into the residual stream (attention output, second FFN layer)
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from llmcore.config import check_positive
-from llmcore.nn import EncoderBlock, KVCache, LayerNorm, LearnedPositionalEmbedding
+from llmcore.nn import GPTBlock, KVCache, LearnedPositionalEmbedding, make_norm
 from llmcore.nn.loss import lm_loss
 
 
@@ -36,7 +36,8 @@ class GPTConfig:
     n_head: int  # nh: attention heads per block
     n_embd: int  # C: model width; head size hs = C // nh
     dropout: float = 0.0  # on embeddings, attention weights and residual branches
-    bias: bool = True  # biases in linear layers and LayerNorms (False: a bit faster)
+    bias: bool = False  # biases in linear layers and LayerNorms (GPT-2 had them;
+    # without them each layer does a little less work per step)
     use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
 
     def __post_init__(self):
@@ -50,7 +51,11 @@ class GPTConfig:
 
 
 class GPT(nn.Module):
-    """``forward(idx, targets=None) -> (logits, loss)``; logits (B, T, V)."""
+    """``forward(idx, targets=None) -> (logits, loss)``; logits (B, T, V).
+
+    ``hidden(idx)`` is the trunk alone, (B, T, C): what fine-tuning heads and the
+    pipeline's stages build on.
+    """
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -59,10 +64,9 @@ class GPT(nn.Module):
         self.pos_emb = LearnedPositionalEmbedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            EncoderBlock(c.n_embd, c.n_head, 4 * c.n_embd, c.dropout, activation="gelu",
-                         norm_first=True, bias=c.bias, use_sdpa=c.use_sdpa)
+            GPTBlock(c.n_embd, c.n_head, c.dropout, c.bias, c.use_sdpa)
             for _ in range(c.n_layer))
-        self.ln_f = LayerNorm(c.n_embd, bias=c.bias)
+        self.ln_f = make_norm("layernorm", c.n_embd, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix
         self.apply(self._init_weights)
@@ -90,17 +94,17 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.pos_emb.weight.numel() if non_embedding else n
 
-    def new_kv_caches(self) -> list[KVCache]:
-        """One empty cache per block, for :func:`llmcore.generate.generate`."""
-        return [KVCache(max_len=self.config.block_size) for _ in self.blocks]
+    def new_kv_caches(self, static: bool = True) -> list[KVCache]:
+        """One empty cache per block, for :func:`llmcore.generate.generate`: static
+        (preallocated for ``block_size`` positions) or growing."""
+        max_len = self.config.block_size if static else None
+        return [KVCache(max_len=max_len) for _ in self.blocks]
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None,
-                kv_caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits for every position of ``idx`` (B, T), and the mean cross-entropy
-        against ``targets`` (B, T) if given (-100 marks a position to ignore).
+    def hidden(self, idx: Tensor, kv_caches: list[KVCache] | None = None) -> Tensor:
+        """The trunk: embeddings, blocks and final norm, (B, T) ids -> (B, T, C).
 
         With ``kv_caches`` (from :meth:`new_kv_caches`) ``idx`` continues the sequence
-        the caches hold: positions start at their length and keys/values are appended.
+        the caches hold: positions start at their length and keys/values are stored.
         """
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be an int64 tensor (B, T), got "
@@ -110,15 +114,18 @@ class GPT(nn.Module):
             raise ValueError(f"idx has {idx.shape[1]} positions (+{past} cached), more "
                              f"than block_size={self.config.block_size}; crop it to "
                              f"idx[:, -{self.config.block_size}:]")
+        x = self.drop(self.pos_emb(self.tok_emb(idx), offset=past))  # (B, T, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, kv_cache=kv_caches[i] if kv_caches is not None else None)
+        return self.ln_f(x)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                kv_caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits for every position of ``idx`` (B, T), and the mean cross-entropy
+        against ``targets`` (B, T) if given (-100 marks a position to ignore)."""
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
                              f"got {tuple(targets.shape)}")
-        x = self.drop(self.pos_emb(self.tok_emb(idx), offset=past))  # (B, T, C)
-        for i, block in enumerate(self.blocks):
-            cache = kv_caches[i] if kv_caches is not None else None
-            x = block(x, is_causal=True, kv_cache=cache)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = lm_loss(logits, targets)
+        logits = self.lm_head(self.hidden(idx, kv_caches))  # (B, T, V)
+        loss = lm_loss(logits, targets) if targets is not None else None
         return logits, loss

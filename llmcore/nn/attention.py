@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmcore.nn.kvcache import KVCache
+
 
 def causal_mask(t_q: int, t_k: int | None = None, offset: int = 0,
                 device: torch.device | str | None = None) -> Tensor:
@@ -99,47 +101,8 @@ def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor,
     return (out, weights) if return_weights else out
 
 
-class KVCache:
-    """Keys and values of the positions a decoder has already seen, for generation.
-
-    One cache per attention layer. ``update(k, v)`` appends the new positions' keys and
-    values, each (B, nh, T_new, hs), and returns all of them, (B, nh, T_past + T_new,
-    hs). Generation prefills the prompt once (T_new = prompt length, causal) and then
-    feeds one token at a time: that token's query attends to every cached position, so
-    it needs no mask. ``MultiHeadAttention`` builds the right causal mask for any
-    T_new (also a chunk after a non-empty cache) when called with ``is_causal=True``.
-    """
-
-    def __init__(self, max_len: int | None = None):
-        self.max_len = max_len  # refuse to grow past this many positions (None: no cap)
-        self.k: Tensor | None = None
-        self.v: Tensor | None = None
-
-    def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[-2]
-
-    def reset(self) -> None:
-        self.k = self.v = None
-
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        if self.max_len is not None and len(self) + k.shape[-2] > self.max_len:
-            raise ValueError(f"KVCache holds {len(self)} positions and got "
-                             f"{k.shape[-2]} more, past max_len={self.max_len}; "
-                             "reset() it or crop the sequence")
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            if k.shape[:2] != self.k.shape[:2] or k.shape[-1] != self.k.shape[-1]:
-                raise ValueError(f"k has shape {tuple(k.shape)}, expected "
-                                 f"{tuple(self.k.shape[:2])} + (T_new, "
-                                 f"{self.k.shape[-1]}) to match the cache")
-            self.k = torch.cat([self.k, k], dim=-2)  # (B, nh, T_past + T_new, hs)
-            self.v = torch.cat([self.v, v], dim=-2)
-        return self.k, self.v
-
-
 class MultiHeadAttention(nn.Module):
-    """Multi-head attention, batch first: n_heads attentions of width d_model/n_heads.
+    """Multi-head attention, batch first: heads of width ``head_size`` = C / n_heads.
 
     ``forward(query, key=None, value=None, ...)`` takes (B, T, C) tensors and returns
     (B, T, C). ``key=None`` means self-attention (key = value = query); ``value=None``
@@ -149,11 +112,20 @@ class MultiHeadAttention(nn.Module):
     ``need_weights=True`` uses the hand-written one and returns ``(out, weights)``
     with per-head weights (B, nh, T, S). ``rope``: an optional ``RotaryEmbedding``
     applied to queries and keys (Su et al. 2021).
+
+    ``fused_qkv=True`` holds one ``qkv_proj`` (3C rows: q, then k, then v) instead of
+    ``q_proj``, ``k_proj``, ``v_proj``: one matmul instead of three for
+    self-attention. Either layout loads the other's ``state_dict``.
+
+    The number of heads computed is read from the projections' output width at
+    forward time (width // head_size), so a module whose projections keep only some
+    heads' rows (tensor parallelism) computes those heads, and its ``out_proj`` (with
+    the matching input columns) gives a partial sum of the full output.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0,
                  bias: bool = True, use_sdpa: bool = True,
-                 rope: nn.Module | None = None):
+                 rope: nn.Module | None = None, fused_qkv: bool = False):
         super().__init__()
         if d_model <= 0 or n_heads <= 0 or d_model % n_heads != 0:
             raise ValueError(f"d_model={d_model} must be a positive multiple of "
@@ -163,19 +135,38 @@ class MultiHeadAttention(nn.Module):
         self.dropout = dropout
         self.use_sdpa = use_sdpa
         self.rope = rope
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.v_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv_proj = nn.Linear(d_model, 3 * d_model, bias=bias)
+        else:
+            self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+            self.k_proj = nn.Linear(d_model, d_model, bias=bias)
+            self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.register_load_state_dict_pre_hook(convert_qkv_layout)
 
     def split_heads(self, x: Tensor) -> Tensor:
-        b, t, _ = x.shape
-        x = x.view(b, t, self.n_heads, self.head_size)  # (B, T, nh, hs)
+        b, t, width = x.shape
+        x = x.view(b, t, width // self.head_size, self.head_size)  # (B, T, nh, hs)
         return x.transpose(1, 2)  # (B, nh, T, hs)
 
     def merge_heads(self, x: Tensor) -> Tensor:
-        b, _, t, _ = x.shape
-        return x.transpose(1, 2).reshape(b, t, self.d_model)  # (B, T, C)
+        b, nh, t, hs = x.shape
+        return x.transpose(1, 2).reshape(b, t, nh * hs)  # (B, T, C) or local width
+
+    def project_qkv(self, query: Tensor, key: Tensor, value: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The q, k, v projections, each (B, T|S, width): one matmul when fused."""
+        if not self.fused_qkv:
+            return self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        if key is query and value is query:
+            qkv = self.qkv_proj(query)  # (B, T, 3 width): [q | k | v]
+            return qkv.split(qkv.shape[-1] // 3, dim=-1)
+        # Cross-attention: each input meets its own third of the rows.
+        w = self.qkv_proj.weight.chunk(3, dim=0)
+        b = (self.qkv_proj.bias.chunk(3) if self.qkv_proj.bias is not None
+             else (None,) * 3)
+        return tuple(F.linear(x, w[i], b[i]) for i, x in enumerate((query, key, value)))
 
     def _check(self, name: str, x: Tensor, batch: int | None = None) -> None:
         if x.dim() != 3 or x.shape[-1] != self.d_model or (
@@ -196,23 +187,25 @@ class MultiHeadAttention(nn.Module):
         if value.shape[1] != key.shape[1]:
             raise ValueError(f"value has {value.shape[1]} positions, key has "
                              f"{key.shape[1]}; they must match")
-        q = self.split_heads(self.q_proj(query))  # (B, nh, T, hs)
-        k = self.split_heads(self.k_proj(key))  # (B, nh, S, hs)
-        v = self.split_heads(self.v_proj(value))  # (B, nh, S, hs)
+        q, k, v = (self.split_heads(x) for x in self.project_qkv(query, key, value))
+        # q: (B, nh, T, hs), k and v: (B, nh, S, hs); nh may be a shard's local heads
         past = len(kv_cache) if kv_cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, offset=past), self.rope(k, offset=past)
-        if kv_cache is not None:
-            k, v = kv_cache.update(k, v)  # (B, nh, past + S, hs)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, T, S): same mask for every head
-        if is_causal and past > 0:
-            # The new queries sit after `past` cached keys: shift the diagonal by past.
-            # A single new token may attend to everything, so this mask is all True.
-            if attn_mask is not None:
-                raise ValueError("pass either attn_mask or is_causal=True, not both")
-            attn_mask = causal_mask(q.shape[2], k.shape[2], past, q.device)
-            is_causal = False
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)  # (B, nh, past + S, hs) or (B, nh, max, hs)
+            cache_mask = kv_cache.key_mask(is_causal)
+            if cache_mask is None and is_causal and past > 0:
+                # The new queries sit after `past` cached keys: shift the diagonal.
+                # A single new token may attend to everything: this mask is all True.
+                cache_mask = causal_mask(q.shape[2], k.shape[2], past, q.device)
+            if cache_mask is not None:
+                if attn_mask is not None:
+                    raise ValueError("with a KV cache pass is_causal=True, not an "
+                                     "attn_mask: the cache builds the mask")
+                attn_mask, is_causal = cache_mask, False
         drop = self.dropout if self.training else 0.0
         if need_weights or not self.use_sdpa:
             out = scaled_dot_product_attention(q, k, v, attn_mask, is_causal=is_causal,
@@ -227,3 +220,23 @@ class MultiHeadAttention(nn.Module):
             out, weights = out
             return self.out_proj(self.merge_heads(out)), weights
         return self.out_proj(self.merge_heads(out))  # (B, T, C)
+
+
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def convert_qkv_layout(module: MultiHeadAttention, state_dict: dict, prefix: str,
+                       *args) -> None:
+    """``load_state_dict`` pre-hook: a separate q/k/v ``state_dict`` loads into a fused
+    module (the three matrices stacked, rows [q; k; v]) and a fused one into a module
+    with separate projections (the rows split in three)."""
+    for name in ("weight", "bias"):
+        fused = f"{prefix}qkv_proj.{name}"
+        parts = [f"{prefix}{p}.{name}" for p in QKV]
+        if module.fused_qkv and fused not in state_dict and all(
+                p in state_dict for p in parts):
+            state_dict[fused] = torch.cat([state_dict.pop(p) for p in parts], dim=0)
+        elif not module.fused_qkv and fused in state_dict and not any(
+                p in state_dict for p in parts):
+            for p, chunk in zip(parts, state_dict.pop(fused).chunk(3, dim=0)):
+                state_dict[p] = chunk

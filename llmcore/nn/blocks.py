@@ -1,4 +1,5 @@
-"""Transformer blocks: the encoder block and the decoder block with cross-attention.
+"""Transformer blocks: the encoder block, GPT's decoder-only block, and the decoder
+block with cross-attention.
 
 Vaswani et al. (2017), section 3.1: each sub-layer (attention, feed-forward) sits in a
 residual connection with a norm. ``norm_first=False`` is the original *post-LN*,
@@ -13,26 +14,29 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from llmcore.nn.attention import KVCache, MultiHeadAttention
+from llmcore.nn.attention import MultiHeadAttention
+from llmcore.nn.kvcache import KVCache
 from llmcore.nn.layers import FeedForward, make_norm
 
 
-class EncoderBlock(nn.Module):
-    """Self-attention + feed-forward, each residual with a norm (x: (B, T, C)).
+class SelfAttentionBlock(nn.Module):
+    """Self-attention + feed-forward, each in a residual with a norm (x: (B, T, C)).
 
-    With ``is_causal=True``, pre-LN, GELU it is a GPT block; ``kv_cache`` then carries
-    the keys and values of earlier positions during generation.
+    The body that :class:`EncoderBlock` and :class:`GPTBlock` share; they differ in
+    where dropout goes, the q/k/v layout and what their ``forward`` is for.
+    ``ffn_dropout`` is the dropout inside the feed-forward network.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0,
                  activation: str = "relu", norm_first: bool = False, bias: bool = True,
                  norm: str = "layernorm", use_sdpa: bool = True, eps: float = 1e-5,
-                 rope: nn.Module | None = None):
+                 rope: nn.Module | None = None, fused_qkv: bool = False,
+                 ffn_dropout: float = 0.0):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, use_sdpa,
-                                            rope=rope)
-        self.ffn = FeedForward(d_model, d_ff, activation, dropout, bias)
+                                            rope=rope, fused_qkv=fused_qkv)
+        self.ffn = FeedForward(d_model, d_ff, activation, ffn_dropout, bias)
         self.norm1 = make_norm(norm, d_model, eps, bias)
         self.norm2 = make_norm(norm, d_model, eps, bias)
         self.dropout1 = nn.Dropout(dropout)
@@ -57,6 +61,47 @@ class EncoderBlock(nn.Module):
             x = self.norm1(x + h)
             x = self.norm2(x + self.dropout2(self.ffn(x)))
         return (x, w) if need_weights else x
+
+
+class EncoderBlock(SelfAttentionBlock):
+    """The Transformer's encoder block, laid out like ``nn.TransformerEncoderLayer``:
+    separate q/k/v projections and dropout also inside the feed-forward network.
+
+    Bidirectional by default; ``is_causal=True`` masks the future.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0,
+                 activation: str = "relu", norm_first: bool = False, bias: bool = True,
+                 norm: str = "layernorm", use_sdpa: bool = True, eps: float = 1e-5,
+                 rope: nn.Module | None = None):
+        super().__init__(d_model, n_heads, d_ff, dropout, activation, norm_first,
+                         bias, norm, use_sdpa, eps, rope, fused_qkv=False,
+                         ffn_dropout=dropout)
+
+
+class GPTBlock(SelfAttentionBlock):
+    """GPT-2's decoder block: pre-LN causal self-attention, then a GELU MLP.
+
+    x = x + dropout(attn(norm1(x))); x = x + dropout(mlp(norm2(x))). Dropout sits on
+    the attention weights and on each residual branch's output, not inside the MLP
+    (Radford et al. 2019). One fused q/k/v projection; ``kv_cache`` carries the keys
+    and values of earlier positions during generation.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0,
+                 bias: bool = False, use_sdpa: bool = True, norm: str = "layernorm",
+                 eps: float = 1e-5, activation: str = "gelu"):
+        super().__init__(d_model, n_heads, 4 * d_model, dropout, activation,
+                         norm_first=True, bias=bias, norm=norm, use_sdpa=use_sdpa,
+                         eps=eps, fused_qkv=True, ffn_dropout=0.0)
+
+    def forward(self, x: Tensor, kv_cache: KVCache | None = None,
+                is_causal: bool = True) -> Tensor:
+        """(B, T, C) -> (B, T, C). ``is_causal=False`` only with a one-token step
+        after a cache, where it changes nothing."""
+        h = self.self_attn(self.norm1(x), is_causal=is_causal, kv_cache=kv_cache)
+        x = x + self.dropout1(h)
+        return x + self.dropout2(self.ffn(self.norm2(x)))
 
 
 class DecoderBlock(nn.Module):
@@ -116,11 +161,13 @@ class DecoderBlock(nn.Module):
         return (x, w_self, w_cross) if need_weights else x
 
 
-def load_torch_weights(block: EncoderBlock | DecoderBlock, layer: nn.Module) -> None:
+def load_torch_weights(block: SelfAttentionBlock | DecoderBlock,
+                       layer: nn.Module) -> None:
     """Copy an ``nn.TransformerEncoderLayer``/``DecoderLayer`` into ``block``, in place.
 
-    PyTorch packs the q, k, v projections into one (3C, C) ``in_proj_weight``; ours
-    are three ``nn.Linear``. Everything else has the same name.
+    PyTorch packs the q, k, v projections into one (3C, C) ``in_proj_weight``; split
+    into q, k, v here, they load into either layout (separate or fused). Everything
+    else has the same name.
     """
     attns = [("self_attn", "self_attn")]
     if isinstance(block, DecoderBlock):

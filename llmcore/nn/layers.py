@@ -78,13 +78,20 @@ class RMSNorm(nn.Module):
         return y if self.weight is None else y * self.weight
 
 
-def make_norm(kind: str, d_model: int, eps: float = 1e-5,
-              bias: bool = True) -> nn.Module:
-    """A norm by name: "layernorm" or "rmsnorm" (RMSNorm has no bias)."""
+def make_norm(kind: str, d_model: int, eps: float = 1e-5, bias: bool = True,
+              fused: bool = True) -> nn.Module:
+    """A norm by name: "layernorm" or "rmsnorm" (RMSNorm has no bias).
+
+    ``fused=True`` returns PyTorch's ``nn.LayerNorm``/``nn.RMSNorm``, one fused kernel
+    (``F.layer_norm``) where the classes above launch one per operation and keep more
+    activations for backward; ``fused=False`` the hand-written twins above. Both have
+    the same parameter names, so a ``state_dict`` moves between them.
+    """
     if kind == "layernorm":
-        return LayerNorm(d_model, eps=eps, bias=bias)
+        cls = nn.LayerNorm if fused else LayerNorm
+        return cls(d_model, eps=eps, bias=bias)
     if kind == "rmsnorm":
-        return RMSNorm(d_model, eps=eps)
+        return (nn.RMSNorm if fused else RMSNorm)(d_model, eps=eps)
     raise ValueError(f"norm={kind!r}; use 'layernorm' or 'rmsnorm'")
 
 
