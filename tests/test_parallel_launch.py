@@ -1,6 +1,10 @@
 """launch(): results come back by rank, a failing rank is an error, never a hang."""
 
+import importlib
 import os
+import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -61,3 +65,73 @@ def test_unpicklable_function_is_refused():
         launch(local, 2)
     with pytest.raises(ValueError, match="world_size"):
         launch(sum_of_ranks, 0)
+
+
+# ------------------------------------------------- never hang, never hide the error
+
+LAUNCH = importlib.import_module("llmcore.parallel.launch")
+
+
+def one_rank_loops_forever(rank, world_size, pid_file):
+    if rank == 1:
+        with open(pid_file, "w") as f:
+            f.write(str(os.getpid()))
+        while True:  # a student's endless loop, outside any collective
+            time.sleep(0.05)
+    return rank
+
+
+def one_rank_exits_quietly(rank, world_size):
+    if rank == 1:
+        os._exit(0)
+    return rank
+
+
+def test_default_wall_timeout_stops_a_stuck_rank_and_names_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(LAUNCH, "DEFAULT_WALL_TIMEOUT", 25.0)
+    pid_file = tmp_path / "pid"
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="did not finish") as info:
+        launch(one_rank_loops_forever, 2, str(pid_file), backend="gloo")
+    assert time.monotonic() - start < 60
+    assert info.value.rank == 1 and "finished: [0]" in str(info.value)
+    with pytest.raises(ProcessLookupError):  # the stuck rank was ended
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_rank_that_exits_without_result_is_reported():
+    start = time.monotonic()
+    with pytest.raises(WorkerError, match="rank 1 exited with code 0"):
+        launch(one_rank_exits_quietly, 2, backend="gloo", wall_timeout=60)
+    assert time.monotonic() - start < 30
+
+
+def test_function_the_ranks_cannot_import_shows_the_import_error(tmp_path):
+    (tmp_path / "vanishing_worker.py").write_text(
+        "def work(rank, world_size):\n    return rank\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        module = importlib.import_module("vanishing_worker")
+        (tmp_path / "vanishing_worker.py").unlink()  # gone before the ranks start
+        with pytest.raises(WorkerError, match="No module named 'vanishing_worker'"):
+            launch(module.work, 2, backend="gloo", wall_timeout=60)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("vanishing_worker", None)
+
+
+def test_script_without_main_guard_gets_the_real_error(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent("""
+        import operator
+        from llmcore.parallel import WorkerError, launch
+        try:
+            print(launch(operator.add, 2, backend="gloo", wall_timeout=60))
+        except WorkerError as err:
+            print("ERROR:", err)
+    """))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert "ERROR: rank" in out.stdout
+    assert 'if __name__ == "__main__":' in out.stdout
+    assert "bootstrapping phase" in out.stdout  # what the rank itself printed

@@ -5,24 +5,33 @@
 process group and calls ``fn(rank, world_size, *args)`` in each. What ``fn`` returns
 comes back to the parent as a list indexed by rank.
 
-Two rules keep it from ever hanging:
+Three rules keep it from ever hanging or failing in silence:
 
 * every collective has a timeout (``timeout`` seconds), after which it raises;
-* when one rank raises, the parent stops the others and raises :class:`WorkerError`
-  with the failing rank and its remote traceback.
+* the whole run has a wall-clock limit (``wall_timeout``, ten minutes by default):
+  a rank stuck outside any collective (an endless loop) is stopped with the others
+  and named in the error, as is a rank that exits without returning a result;
+* when one rank raises or dies, the parent stops the others and raises
+  :class:`WorkerError` with the failing rank and its remote traceback; a rank that
+  dies before it could run ``fn`` (``fn`` not importable there, a script that calls
+  ``launch`` without ``if __name__ == "__main__":``) shows what it printed.
 
 A function defined in a notebook cannot be pickled into a spawned process, so ``fn``
-must be importable: the book's workers live in ``llmcore.parallel`` modules.
+must be importable: the book's workers live in ``llmcore.parallel.experiments``.
 This module and ``llmcore.runtime`` are the only places that read environment variables.
 """
 
 from __future__ import annotations
 
+import inspect
 import multiprocessing as mp
 import os
 import pickle
 import queue as queue_lib
 import socket
+import sys
+import tempfile
+import textwrap
 import time
 import traceback
 from datetime import timedelta
@@ -31,9 +40,13 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+DEFAULT_WALL_TIMEOUT = 600.0  # seconds a whole launch() may take unless told otherwise
+EXIT_GRACE = 2.0  # seconds a rank that exited may take for its result to arrive
+
 
 class WorkerError(RuntimeError):
-    """A rank raised (or died); carries the rank and the remote traceback."""
+    """A rank raised, died or never finished; carries the rank and the remote
+    traceback."""
 
     def __init__(self, rank: int, message: str, remote_traceback: str = "",
                  remote_type: str = ""):
@@ -60,11 +73,6 @@ def default_backend(world_size: int) -> str:
     return "gloo"
 
 
-def rank_device(rank: int, backend: str) -> torch.device:
-    """The device of ``rank``: its own GPU under NCCL, the CPU under gloo."""
-    return torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-
-
 def torchrun_env() -> tuple[int, int, int] | None:
     """(rank, world_size, local_rank) set by torchrun / accelerate, or None."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -73,8 +81,11 @@ def torchrun_env() -> tuple[int, int, int] | None:
             int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
-def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results):
+def _worker(rank, world_size, port, backend, timeout, threads, payload, results):
     try:
+        # fn and args travel pickled, so that a function this process cannot import
+        # is reported like any other error instead of killing the process unheard.
+        fn, args = pickle.loads(payload)
         torch.set_num_threads(threads)
         if backend == "nccl":
             torch.cuda.set_device(rank)
@@ -94,6 +105,15 @@ def _worker(rank, world_size, port, backend, timeout, threads, fn, args, results
             dist.destroy_process_group()
 
 
+def _check_fn(fn) -> None:
+    if getattr(fn, "__module__", None) == "__main__" or "<locals>" in getattr(
+            fn, "__qualname__", ""):
+        raise ValueError(
+            f"fn={getattr(fn, '__qualname__', fn)!r} cannot be sent to a spawned "
+            "process: define it at the top level of an importable module "
+            "(the book's workers live in llmcore.parallel.experiments)")
+
+
 def launch(fn: Callable[..., Any], world_size: int, *args: Any,
            backend: str | None = None, timeout: float = 60.0,
            wall_timeout: float | None = None, threads: int | None = None) -> list:
@@ -101,17 +121,17 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any,
 
     backend: ``"gloo"`` or ``"nccl"``; None picks NCCL when each rank has a GPU.
     timeout: seconds a collective may wait before it raises (a lost peer is an error).
-    wall_timeout: seconds the whole run may take (None: no limit besides ``timeout``).
+    wall_timeout: seconds the whole run may take (None: ``DEFAULT_WALL_TIMEOUT``).
     threads: torch threads per rank; by default the CPU cores are shared among ranks.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if getattr(fn, "__module__", None) == "__main__" or "<locals>" in getattr(
-            fn, "__qualname__", ""):
-        raise ValueError(
-            f"fn={getattr(fn, '__qualname__', fn)!r} cannot be sent to a spawned "
-            "process: define it at the top level of an importable module "
-            "(the book's workers live in llmcore.parallel)")
+    _check_fn(fn)
+    payload = pickle.dumps((fn, args))
+    if wall_timeout is None:
+        wall_timeout = DEFAULT_WALL_TIMEOUT
+    if not wall_timeout > 0:
+        raise ValueError(f"wall_timeout must be > 0 seconds, got {wall_timeout!r}")
     backend = backend or default_backend(world_size)
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
@@ -120,45 +140,94 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any,
     port = free_port()
     procs = [ctx.Process(target=_worker, daemon=True, name=f"llmcore-rank{rank}",
                          args=(rank, world_size, port, backend, timeout, threads,
-                               fn, args, results))
+                               payload, results))
              for rank in range(world_size)]
-    for p in procs:
-        p.start()
+    logs = [_start_logged(p) for p in procs]
     grace = 0.0  # on failure the other ranks are stopped at once
     try:
-        values = _collect(procs, results, world_size, wall_timeout)
+        values = _collect(procs, results, world_size, wall_timeout, logs)
         grace = 10.0  # on success they are only tearing down the process group
         return values
     finally:
         _stop(procs, grace)
+        for log in logs:
+            _echo(log)
 
 
-def _collect(procs, results, world_size, wall_timeout) -> list:
+def _start_logged(p) -> Any:
+    """Start ``p`` with its stderr in a temporary file, so that what a rank prints
+    before it dies can be shown in the error (and is echoed here afterwards)."""
+    log = tempfile.TemporaryFile(mode="w+b")
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        os.dup2(log.fileno(), 2)  # the child inherits descriptor 2 as it starts
+        p.start()
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+    return log
+
+
+def _tail(log, chars: int = 3000) -> str:
+    log.flush()
+    log.seek(0)
+    return log.read().decode(errors="replace")[-chars:]
+
+
+def _echo(log) -> None:
+    text = _tail(log, 20_000)
+    log.close()
+    if text.strip():
+        sys.stderr.write(text)
+
+
+def _died(rank: int, p, log, then: str = "") -> WorkerError:
+    printed = _tail(log).strip()
+    hint = ""
+    if "bootstrapping phase" in printed:
+        hint = ("; the script that calls launch() must guard it with "
+                "`if __name__ == \"__main__\":` (each rank imports the script again)")
+    return WorkerError(rank, f"died with exit code {p.exitcode} before it could "
+                       f"report{then}{hint}; the other ranks were stopped",
+                       printed and f"(what rank {rank} printed)\n{printed}")
+
+
+def _collect(procs, results, world_size, wall_timeout, logs) -> list:
     values: dict[int, Any] = {}
     start = time.monotonic()
+    exited_at: dict[int, float] = {}
     while len(values) < world_size:
         try:
             rank, status, payload = results.get(timeout=0.1)
         except queue_lib.Empty:
+            now = time.monotonic()
             for rank, p in enumerate(procs):
-                # A rank that died without a message (killed, segfault, out of memory).
-                if rank not in values and p.exitcode not in (None, 0):
-                    raise WorkerError(rank, f"died with exit code {p.exitcode} "
-                                      "without a Python error; the other ranks "
-                                      "were stopped")
-            if wall_timeout is not None and time.monotonic() - start > wall_timeout:
+                if rank in values or p.exitcode is None:
+                    continue
+                # A rank that died without a message (killed, segfault, out of
+                # memory, or it could not start fn).
+                if p.exitcode != 0:
+                    raise _died(rank, p, logs[rank])
+                # Exit code 0 but no result (os._exit(0), sys.exit() in a thread):
+                # wait briefly, the result may still be in the pipe.
+                if now - exited_at.setdefault(rank, now) > EXIT_GRACE:
+                    raise WorkerError(rank, "exited with code 0 without returning a "
+                                      "result (os._exit or a killed process?); the "
+                                      "other ranks were stopped")
+            if now - start > wall_timeout:
                 missing = sorted(set(range(world_size)) - set(values))
-                raise TimeoutError(f"ranks {missing} did not finish within "
-                                   f"wall_timeout={wall_timeout} s; all were stopped")
+                done = sorted(values)
+                raise WorkerError(missing[0], f"did not finish within wall_timeout="
+                                  f"{wall_timeout} s (unfinished ranks: {missing}; "
+                                  f"finished: {done}); every rank was stopped")
             continue
         if status == "error":
             message, remote, kind = pickle.loads(payload)
             for other, p in enumerate(procs):  # a peer that died is the root cause
                 p.join(timeout=0.5 if other != rank else 0)
                 if other != rank and p.exitcode not in (None, 0):
-                    raise WorkerError(other, f"died with exit code {p.exitcode} "
-                                      f"(then rank {rank} {message}); the other "
-                                      "ranks were stopped")
+                    raise _died(other, p, logs[other], f" (then rank {rank} {message})")
             raise WorkerError(rank, message + "; the other ranks were stopped", remote,
                               kind)
         values[rank] = pickle.loads(payload)
@@ -199,9 +268,6 @@ def launch_source(fn: Callable[..., Any], world_size: int, *args: Any,
     each rank, where ``torch``, ``dist``, ``nn`` and ``F`` are already imported.
     An AssertionError or NotImplementedError in a rank is raised as such here.
     """
-    import inspect
-    import textwrap
-
     funcs = (fn, *helpers)
     source = "\n\n".join(textwrap.dedent(inspect.getsource(f)) for f in funcs)
     try:
