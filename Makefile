@@ -2,6 +2,8 @@
 #
 #   make test          unit tests + every notebook under nbval, in parallel
 #   make book          the HTML book in _build/html, every notebook executed
+#   make check-site    open every page of _build/html in headless Chromium
+#   make test-gpu      the gpu tier on one CUDA GPU (PY=python3: an existing interpreter)
 #
 # Each notebook runs once per `make test && make book`: the tests store executed
 # notebooks in a jupyter-cache (_build/.jupyter_cache) and the book reads them from it.
@@ -12,7 +14,11 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV ?= .venv
-PY := $(VENV)/bin/python
+# PY=python3 runs the GPU check with an interpreter that has torch and the notebook
+# tool chain already (the GPU machine is offline: see gpu-wheels); the default builds
+# and uses .venv.
+PY ?= $(VENV)/bin/python
+USE_VENV := $(if $(filter $(VENV)/bin/python,$(PY)),venv,)
 # A CPU wheel where one is provided locally; PyPI's default (CUDA) build elsewhere.
 TORCH_SPEC ?= torch==2.13.0
 NPROC := $(shell nproc 2>/dev/null || echo 2)
@@ -28,7 +34,8 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
 XDIST := -n $(JOBS) --dist loadfile
 JB := $(VENV)/bin/jupyter-book build --all -W -n --keep-going
 
-.PHONY: help venv test execute book book-student notebooks student-labs lock clean
+.PHONY: help venv test execute book book-student notebooks student-labs lock clean \
+        test-gpu gpu-wheels check-site
 
 help:
 	@echo "make test          run the unit tests and every notebook (nbval), in parallel"
@@ -37,6 +44,9 @@ help:
 	@echo "make student-labs  student versions of the labs in _build/student-labs"
 	@echo "make notebooks     refresh the .ipynb copies used by Colab"
 	@echo "make lock          rewrite constraints.txt from the current environment"
+	@echo "make check-site    open every page of the built book in headless Chromium"
+	@echo "make test-gpu      gpu-tier tests, notebooks and benchmarks on a CUDA GPU"
+	@echo "make gpu-wheels    download the notebook tool chain for an offline GPU machine"
 
 venv: $(VENV)/.installed
 
@@ -85,6 +95,39 @@ student-labs: venv
 
 notebooks: venv
 	$(PY) -m llmcore.book.colab write
+
+# ---------------------------------------------------------------- the gpu tier
+# Stops at once without an NVIDIA GPU, before building anything.
+COMMIT ?= $(shell git rev-parse HEAD 2>/dev/null || cat .whl/COMMIT 2>/dev/null || echo unknown)
+
+test-gpu:
+	@if ! ls /dev/nvidia0 >/dev/null 2>&1 && ! nvidia-smi -L >/dev/null 2>&1; then \
+	  echo "make test-gpu needs a CUDA GPU and this machine has none (no /dev/nvidia0," \
+	       "no nvidia-smi). On this machine, 'make test' runs the cpu tier." >&2; \
+	  exit 2; fi
+	@$(if $(USE_VENV),$(MAKE) --no-print-directory venv,true)
+	$(PY) -m llmcore.bench gpucheck --commit $(COMMIT) $(GPU_CHECK_ARGS)
+
+# The notebook tool chain as wheels for the GPU machine (Python 3.12, manylinux
+# x86-64, offline), at the versions constraints.txt pins; its python3 has the rest.
+GPU_WHEELS := jupytext nbval nbclient ipykernel nbformat jupyter_client jupyter_core \
+  traitlets pyzmq tornado comm debugpy ipython matplotlib-inline jedi parso pexpect \
+  ptyprocess prompt_toolkit wcwidth stack-data executing asttokens pure_eval \
+  ipython_pygments_lexers fastjsonschema jsonschema jsonschema-specifications \
+  referencing rpds-py platformdirs mdit-py-plugins
+WHEEL_PLATFORMS := $(foreach n,39 35 34 31 28 27 24 17,--platform manylinux_2_$(n)_x86_64) \
+  --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+
+gpu-wheels: $(USE_VENV)
+	rm -rf .whl && mkdir -p .whl
+	pins=$$(for n in $(GPU_WHEELS); do \
+	  grep -iE "^$$(echo $$n | sed 's/[-_]/[-_]/g')==" constraints.txt \
+	  || { echo "gpu-wheels: $$n is not pinned in constraints.txt" >&2; exit 1; }; done); \
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp --abi cp312 --abi abi3 --abi none $(WHEEL_PLATFORMS) \
+	  --platform any -d .whl $$pins
+	git rev-parse HEAD > .whl/COMMIT 2>/dev/null || true
+	@echo "$$(ls .whl/*.whl | wc -l) wheels, $$(du -sh .whl | cut -f1) in .whl/"
 
 lock: venv
 	( echo "# Exact versions CI installs (pip install -r requirements.txt -c constraints.txt)."; \

@@ -124,7 +124,22 @@ def pytest_sessionstart(session):
     shutil.rmtree(stage_dir(config), ignore_errors=True)
 
 
+def skip_gpu_tests(items) -> None:
+    """Tests marked ``gpu`` skip where torch sees no CUDA device."""
+    marked = [item for item in items if item.get_closest_marker("gpu")]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run: make test-gpu)")
+    for item in marked:
+        item.add_marker(skip)
+
+
 def pytest_collection_modifyitems(session, config, items):
+    skip_gpu_tests(items)
     if not (config.option.nb_cache and config.option.nb_missing_only):
         return
     cache = open_cache(config)
