@@ -10,7 +10,9 @@ Neural Text Degeneration", 2020). Filters apply in that order: temperature, top-
 top-p.
 
 The KV cache keeps each layer's keys and values of the tokens already processed, so
-each new token costs one position's work instead of re-running the whole prefix.
+each new token costs one position's work instead of re-running the whole prefix. The
+caches are static (``llmcore.nn.KVCache(max_len)``): preallocated once and written in
+place, so every decode step has the same shapes and ``torch.compile`` compiles it once.
 Once the sequence outgrows the context (``block_size``) a model with learned absolute
 positions must re-read the last ``block_size`` tokens at shifted positions; from there
 on each step runs the full window, exactly as the uncached path does.
@@ -18,8 +20,14 @@ on each step runs the full window, exactly as the uncached path does.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 from torch import Tensor, nn
+
+
+MIN_TEMPERATURE = 1e-5  # below: use 0 (greedy); tiny values overflow logits / t
 
 
 def filter_top_k(logits: Tensor, k: int) -> Tensor:
@@ -60,7 +68,8 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
 
 def _check(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: float,
            top_k: int | None, top_p: float | None, use_cache: bool) -> int:
-    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    config = getattr(model, "config", None)
+    block_size = getattr(config, "block_size", None)
     if block_size is None:
         raise ValueError("model must have config.block_size (its context length)")
     if idx.dim() != 2 or idx.shape[1] == 0 or idx.is_floating_point():
@@ -70,14 +79,30 @@ def _check(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: floa
         raise ValueError(f"the prompt has {idx.shape[1]} tokens but the model's "
                          f"context is block_size={block_size}; shorten the prompt, "
                          f"e.g. idx[:, -{block_size}:]")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be a positive int or None, got {top_k}")
+    vocab = getattr(config, "vocab_size", None)
+    lo, hi = int(idx.min()), int(idx.max())  # one read of the prompt, before the loop
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"idx holds the token id {bad}, outside the model's "
+                         f"vocabulary [0, {vocab}); encode the prompt with the "
+                         "tokenizer the model was trained with")
+    if not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if not isinstance(temperature, numbers.Real) or math.isnan(temperature) or (
+            temperature < 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got "
+                         f"{temperature!r}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"temperature={temperature!r} is too small to sample with "
+                         f"(logits / temperature overflow); use temperature=0 for "
+                         f"greedy decoding, or a value >= {MIN_TEMPERATURE}")
+    if top_k is not None and (isinstance(top_k, bool)
+                              or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be a positive int or None, got {top_k!r}"
+                         + (f"; pass top_k={int(top_k)}" if isinstance(top_k, float)
+                            and top_k.is_integer() and top_k >= 1 else ""))
     if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p}")
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
     if use_cache and not hasattr(model, "new_kv_caches"):
         raise ValueError(f"{type(model).__name__} has no new_kv_caches(); pass "
                          "use_cache=False")
@@ -88,21 +113,31 @@ def _check(model: nn.Module, idx: Tensor, max_new_tokens: int, temperature: floa
 def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
              temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, use_cache: bool = True,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None,
+             compile: bool | None = None) -> Tensor:
     """Extend ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + new).
 
     ``model(idx, kv_caches=...)`` must return ``(logits, _)`` as ``GPT`` does.
     ``temperature=0`` is greedy decoding; ``generator`` makes sampling reproducible.
+    The caches are static (preallocated, written in place), so every one-token decode
+    step has the same shapes; ``compile`` (default: on for CUDA, off elsewhere)
+    compiles that step with ``torch.compile`` once and reuses it for every token.
     """
     block_size = _check(model, idx, max_new_tokens, temperature, top_k, top_p,
                         use_cache)
+    if compile is None:
+        compile = idx.device.type == "cuda"
     was_training = model.training
     model.eval()
     caches = model.new_kv_caches() if use_cache else None
+    # dynamic=True: the caches' length is an int that grows by one every step; marked
+    # dynamic from the start it never causes a recompilation.
+    decode = torch.compile(model, dynamic=True) if compile and use_cache else model
     out, fresh = idx, idx  # fresh: the tokens the caches have not seen yet
     for _ in range(max_new_tokens):
         if caches is not None and out.shape[1] <= block_size:
-            logits, _ = model(fresh, kv_caches=caches)  # (B, len(fresh), V)
+            step = decode if fresh.shape[1] == 1 else model  # the prefill runs eagerly
+            logits, _ = step(fresh, kv_caches=caches)  # (B, len(fresh), V)
         else:
             logits, _ = model(out[:, -block_size:])  # re-read the whole window
         nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)

@@ -1,10 +1,13 @@
-"""Generation: greedy with and without the KV cache agree; filters; bad input."""
+"""Generation: greedy with and without the KV cache agree; static == growing cache;
+filters; compiled decode step; clear errors for bad input."""
 
 import pytest
 import torch
 
+import llmcore.generate as generate_module
 from llmcore.generate import filter_top_k, filter_top_p, generate, sample_next
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.nn import KVCache
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,122 @@ def test_bad_input(model):
             generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
     with pytest.raises(ValueError, match="idx"):
         generate(model, torch.zeros(1, 2), 1)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(temperature=float("nan")), r"temperature must be a number >= 0.*nan"),
+    (dict(temperature=1e-7), r"too small.*temperature=0 for greedy"),
+    (dict(temperature=1e-30), r"too small.*temperature=0 for greedy"),
+    (dict(top_k=5.0), r"top_k must be a positive int.*pass top_k=5"),
+    (dict(top_k=2.5), r"top_k must be a positive int or None, got 2.5$"),
+    (dict(top_k=True), r"top_k must be a positive int"),
+    (dict(max_new_tokens=2.0), r"max_new_tokens must be an int"),
+])
+def test_clear_messages_for_bad_sampling_arguments(model, kwargs, message):
+    args = {"max_new_tokens": 1, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generate(model, torch.zeros(1, 2, dtype=torch.long), **args)
+
+
+@pytest.mark.parametrize("bad", [40, 1000, -1])
+def test_token_id_outside_the_vocabulary(model, bad):
+    idx = torch.tensor([[1, bad, 2]])
+    with pytest.raises(ValueError, match=rf"token id {bad}, outside the model's "
+                       r"vocabulary \[0, 40\); encode the prompt with the tokenizer"):
+        generate(model, idx, 1)
+    generate(model, torch.tensor([[0, 39]]), 1)  # the edges are fine
+
+
+def test_tiny_but_allowed_temperature_is_nearly_greedy(model):
+    idx = torch.zeros(2, 1, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(generate(model, idx, 6, temperature=1e-5, generator=g),
+                       generate(model, idx, 6, temperature=0))
+
+
+# ------------------------------------------------------------ static KV cache
+
+@pytest.mark.parametrize("new", [6, 14])
+def test_static_cache_equals_the_growing_cache(model, new):
+    """Step by step, the preallocated cache gives the logits the torch.cat one did."""
+    idx = torch.randint(40, (3, 2), generator=torch.Generator().manual_seed(2))
+    runs = []
+    for static in (True, False):
+        caches = model.new_kv_caches(static=static)
+        assert all(c.static == static for c in caches)
+        fresh, out, logits = idx, idx, []
+        for _ in range(new):
+            step, _ = model(fresh, kv_caches=caches)
+            logits.append(step[:, -1])
+            fresh = step[:, -1:].argmax(-1)
+            out = torch.cat([out, fresh], 1)
+        runs.append((out, torch.stack(logits, 1), caches))
+    (out_s, log_s, caches_s), (out_g, log_g, caches_g) = runs
+    assert torch.equal(out_s, out_g)
+    torch.testing.assert_close(log_s, log_g, atol=1e-5, rtol=1e-5)
+    c_s, c_g = caches_s[0], caches_g[0]
+    assert len(c_s) == len(c_g) == 2 + new - 1
+    assert c_s._k.shape == (3, 2, 16, 16)  # (B, nh, block_size, hs), allocated once
+    torch.testing.assert_close(c_s.k, c_g.k)
+
+
+def test_static_cache_writes_in_place_and_reorders():
+    cache = KVCache(max_len=6)
+    k = torch.randn(3, 2, 4, 5)
+    cache.update(k, -k)
+    buf = cache._k
+    for t in range(2):
+        k_new = torch.randn(3, 2, 1, 5)
+        k_all, v_all = cache.update(k_new, -k_new)
+        assert k_all is buf and k_all.shape == (3, 2, 6, 5)  # same buffer every step
+        torch.testing.assert_close(cache.k[:, :, 4 + t], k_new[:, :, 0])
+    assert len(cache) == 6
+    mask = cache.key_mask(causal=True)
+    assert mask.tolist() == [[True] * 6]
+    with pytest.raises(ValueError, match="max_len=6"):
+        cache.update(k_new, k_new)
+    # beam search's reordering, by method and by assignment, keeps the buffer
+    sel = torch.tensor([2, 2, 0])
+    expect = cache.k[sel].clone()
+    cache.reorder(sel)
+    torch.testing.assert_close(cache.k, expect)
+    growing = KVCache()
+    growing.update(expect, expect)
+    growing.reorder(torch.tensor([1, 0, 2]))
+    torch.testing.assert_close(growing.k, expect[[1, 0, 2]])
+    cache.k, cache.v = cache.k[[1, 0, 2]], cache.v[[1, 0, 2]]
+    assert cache._k is buf and len(cache) == 6
+    torch.testing.assert_close(cache.k, growing.k)
+    cache.reset()
+    assert len(cache) == 0 and cache._k is buf
+
+
+def test_static_cache_masks_the_slots_not_yet_written():
+    cache = KVCache(max_len=5)
+    k = torch.randn(1, 1, 2, 3)
+    cache.update(k, k)
+    assert cache.key_mask(causal=True).tolist() == [
+        [True, False, False, False, False], [True, True, False, False, False]]
+    assert cache.key_mask(causal=False).tolist() == [
+        [True, True, False, False, False]] * 2
+
+
+def test_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
+    """The compile path traced by dynamo (the eager backend keeps the test fast on
+    a CPU; on CUDA ``generate`` compiles with inductor by default)."""
+    calls, real_compile = [], torch.compile
+
+    def eager_compile(m, **kwargs):
+        calls.append(kwargs)
+        return real_compile(m, backend="eager", **kwargs)
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(generate_module.torch, "compile", eager_compile)
+    idx = torch.randint(40, (2, 3), generator=torch.Generator().manual_seed(4))
+    a = generate(model, idx, 8, temperature=0, compile=True)
+    monkeypatch.undo()
+    assert calls == [dict(dynamic=True)]
+    assert torch.equal(a, generate(model, idx, 8, temperature=0, compile=False))
 
 
 def test_training_mode_restored(model):

@@ -109,6 +109,10 @@ class GPT(nn.Module):
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"idx must be an int64 tensor (B, T), got "
                              f"{tuple(idx.shape)} {idx.dtype}")
+        if isinstance(kv_caches, Tensor):
+            raise ValueError("kv_caches must be a list of KVCache (new_kv_caches()), "
+                             "got a tensor; a GPT takes no attention mask: it is "
+                             "causal, so right padding needs none")
         past = len(kv_caches[0]) if kv_caches is not None else 0
         if past + idx.shape[1] > self.config.block_size:
             raise ValueError(f"idx has {idx.shape[1]} positions (+{past} cached), more "

@@ -155,5 +155,5 @@ class KVCache:
             return None  # the caller builds the shifted causal mask (it knows past)
         allowed = self._slots[None, :] <= self._new[:, None]  # (T_new, max_len)
         if not causal:  # every new query sees every written slot, itself included
-            allowed = self._slots[None, :] <= self._new[-1:, None]
+            allowed = (self._slots <= self._new[-1]).expand(len(self._new), -1)
         return allowed
