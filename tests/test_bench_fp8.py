@@ -7,6 +7,8 @@ import torch
 
 from llmcore.bench import fp8 as bench
 from llmcore.bench.__main__ import main as bench_main
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.precision import fp8, size_filter
 
 
 def test_parse_args_defaults_and_errors():
@@ -17,6 +19,18 @@ def test_parse_args_defaults_and_errors():
         bench.parse_args(["--steps", "0"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--bogus"])
+
+
+def test_gpu_run_is_the_1_3b_comparison():
+    """On a GPU: bf16 against FP8 on a ~1.3B GPT for 200 steps, compiled."""
+    (spec,) = bench.GPU_MODELS
+    with torch.device("meta"):
+        model = GPT(GPTConfig(spec.vocab_size, spec.block_size, spec.n_layer,
+                              spec.n_head, spec.n_embd))
+    assert 1.2e9 < model.num_params() < 1.5e9
+    keep = size_filter()
+    assert keep(torch.nn.Linear(spec.n_embd, 3 * spec.n_embd), "blocks.0.qkv_proj")
+    assert bench.parse_args([]).steps is None and bench.LOSS_TOLERANCE == 0.01
 
 
 def test_gpu_slug():
@@ -37,8 +51,10 @@ def test_refuses_without_fp8_gpu(monkeypatch, capsys, tmp_path):
 
 def test_refuses_old_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (8, 0))
-    assert "8.0 < 8.9" in bench.check_hardware(dry_run=False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(fp8, "_capability", lambda index: (8, 0))
+    why = bench.check_hardware(dry_run=False)
+    assert "compute capability 8.0" in why and "emulated" in why
 
 
 def test_dry_run_writes_json(tmp_path, capsys):
@@ -54,7 +70,8 @@ def test_dry_run_writes_json(tmp_path, capsys):
         assert row[key] > 0
     (e2e,) = d["e2e"]
     assert e2e["bf16"]["params"] == e2e["fp8"]["params"] > 0
-    assert len(e2e["fp8"]["loss"]) == 2
+    assert len(e2e["fp8"]["loss"]) == 2 and e2e["compiled"] is False
+    assert e2e["loss_within_tolerance"] == (abs(e2e["loss_rel_diff"]) <= 0.01)
     # Same data and seed: FP8 starts from the same loss as bf16, within FP8 error.
     assert abs(e2e["fp8"]["loss"][0] / e2e["bf16"]["loss"][0] - 1) < 0.01
     assert "Float8Linear" in capsys.readouterr().out

@@ -1,12 +1,18 @@
 """FP8: scaled casts, delayed scaling, Float8Linear against float64 and _scaled_mm."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 
 from llmcore.precision.formats import E4M3, E5M2, round_to_format
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.nn import MultiHeadAttention
+from llmcore.precision import fp8
 from llmcore.precision.fp8 import (AmaxHistory, Float8Linear, convert_to_float8,
-                                   dequantize, fp8_backend, quantize, scaled_matmul)
+                                   dequantize, fp8_backend, quantize, scaled_matmul,
+                                   size_filter)
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -176,3 +182,87 @@ def test_delayed_from_linear_keeps_history_and_refuses_bare_linear():
     assert f8.hist_w.history[0] == lin.weight.detach().abs().max()
     with pytest.raises(ValueError, match="wrap it"):
         convert_to_float8(nn.Linear(16, 16), quiet=True)
+
+
+def count_host_reads(monkeypatch):
+    """Record every tensor -> Python read (``.item()``, ``bool()``): each one is a
+    host synchronisation on a GPU and a graph break under ``torch.compile``."""
+    reads = []
+    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "item",
+                        lambda t: reads.append("item") or real_item(t))
+    monkeypatch.setattr(torch.Tensor, "__bool__",
+                        lambda t: reads.append("bool") or real_bool(t))
+    return reads
+
+
+def test_delayed_scaling_never_reads_the_device(monkeypatch):
+    """``if seen > 0`` used to read a tensor into Python for every operand every
+    step; the history and the choice now stay on the device (``torch.where``)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    convert_to_float8(model, scaling="delayed", quiet=True)
+    reads = count_host_reads(monkeypatch)
+    for _ in range(3):
+        model(torch.randn(8, 32)).sum().backward()
+    assert reads == []
+    monkeypatch.undo()
+    assert int(model[0].hist_x.seen) == 3 and int(model[2].hist_g.seen) == 3
+
+
+@pytest.mark.parametrize("scaling", ["tensorwise", "delayed"])
+def test_compiles_as_one_graph_and_matches_eager(scaling):
+    """The compiled path: ``fullgraph=True`` fails on any graph break (a ``.item()``
+    or a tensor used as a bool). aot_eager traces forward and backward as inductor
+    would, without needing a C++ compiler."""
+    torch.manual_seed(1)
+    eager = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 32))
+    convert_to_float8(eager, scaling=scaling, quiet=True)
+    twin = copy.deepcopy(eager)
+    compiled = torch.compile(twin, backend="aot_eager", fullgraph=True)
+    for step in range(3):
+        x = torch.randn(8, 32)
+        y_e, y_c = eager(x), compiled(x)
+        assert torch.equal(y_e, y_c), step
+        y_e.square().sum().backward()
+        y_c.square().sum().backward()
+        assert torch.equal(eager[0].weight.grad, twin[0].weight.grad), step
+    if scaling == "delayed":  # the backward's history update ran in the graph too
+        assert torch.equal(eager[2].hist_g.history, twin[2].hist_g.history)
+        assert int(twin[2].hist_g.seen) == 3
+
+
+def test_size_filter_keeps_small_matmuls_in_high_precision(capsys):
+    """Only linears with both sizes >= min_features become FP8, never the output
+    layer; a GPT too small for FP8 to pay is left as it is."""
+    model = nn.ModuleDict({"small": nn.Linear(256, 1024), "big": nn.Linear(1024, 4096),
+                           "lm_head": nn.Linear(1024, 1024)})
+    convert_to_float8(model, module_filter_fn=size_filter())
+    assert isinstance(model["big"], Float8Linear)
+    assert type(model["small"]) is nn.Linear and type(model["lm_head"]) is nn.Linear
+    assert "1 Linear -> Float8Linear" in capsys.readouterr().out
+    keep = size_filter(min_features=64, skip=())
+    assert keep(nn.Linear(64, 128), "a.lm_head") and not keep(nn.Linear(32, 128), "b")
+    with pytest.raises(ValueError, match="min_features"):
+        size_filter(min_features=0)
+
+
+def test_fused_projection_casts_its_input_once(monkeypatch):
+    """A fused q/k/v projection is one Float8Linear: its input is cast to FP8 once
+    (plus its one weight); three projections cast the same input three times."""
+    casts = []
+    real = fp8.quantize
+    monkeypatch.setattr(fp8, "quantize", lambda x, *a, **k: casts.append(
+        tuple(x.shape)) or real(x, *a, **k))
+    x = torch.randn(2, 8, 64)
+    for fused, expected in ((True, 1), (False, 3)):
+        attn = MultiHeadAttention(64, 4, fused_qkv=fused)
+        convert_to_float8(attn, quiet=True)
+        casts.clear()
+        attn.project_qkv(x, x, x)
+        assert casts.count((16, 64)) == expected, (fused, casts)
+    gpt = GPT(GPTConfig(vocab_size=64, block_size=8, n_layer=2, n_head=4, n_embd=64))
+    convert_to_float8(gpt, quiet=True)
+    names = [n for n, m in gpt.named_modules() if isinstance(m, Float8Linear)]
+    assert sum(n.endswith("qkv_proj") for n in names) == 2  # one per block
+    assert not {n.rsplit(".", 1)[-1] for n in names} & {"q_proj", "k_proj", "v_proj"}

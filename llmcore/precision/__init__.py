@@ -1,14 +1,15 @@
 """Low-precision training: number formats, loss scaling, autocast, FP8, quantization.
 
 Modules: ``formats`` (bits of fp32/tf32/fp16/bf16/fp8), ``scaler`` (``LossScaler``),
-``autocast`` (what autocast lowers, activation bytes), ``fp8`` (scaled FP8 casts and
-``Float8Linear``), ``quant`` (int8/int4 weight quantization and QAT).
+``autocast`` (what autocast lowers, activation bytes), ``fp8_scaling`` (scaled FP8
+casts, delayed scaling), ``fp8`` (the FP8 matmul, ``Float8Linear``,
+``convert_to_float8`` and its ``size_filter``), ``quant`` (int8/int4 weight quantization and QAT).
 """
 
-from llmcore.precision.fp8 import Float8Linear, convert_to_float8
+from llmcore.precision.fp8 import Float8Linear, convert_to_float8, size_filter
 from llmcore.precision.quant import (dequantize, fake_quantize, quantize_int8,
                                      quantize_weights)
 from llmcore.precision.scaler import LossScaler
 
 __all__ = ["Float8Linear", "LossScaler", "convert_to_float8", "dequantize",
-           "fake_quantize", "quantize_int8", "quantize_weights"]
+           "fake_quantize", "quantize_int8", "quantize_weights", "size_filter"]

@@ -1,4 +1,4 @@
-"""FP8 training: scaled casts, delayed scaling and a drop-in ``Float8Linear``.
+"""FP8 training: the scaled matmul and a drop-in ``Float8Linear``.
 
 An FP8 number has 3 (e4m3) or 2 (e5m2) mantissa bits and a narrow range, so a tensor is
 stored as ``x_fp8 = cast(x * scale)`` with a float32 ``scale`` chosen to map the
@@ -8,7 +8,8 @@ tensor's largest magnitude (amax) onto the format's largest value, and read back
 pass over the tensor is needed before the cast). Forward operands use e4m3
 (precision), gradients e5m2 (range), except that rowwise scaling keeps e4m3 throughout
 (Micikevicius et al., 2022, "FP8 Formats for Deep Learning"; the recipes follow NVIDIA
-Transformer Engine and torchao's ``Float8Linear``).
+Transformer Engine and torchao's ``Float8Linear``). The casts and scales are in
+``fp8_scaling``; this module re-exports them.
 
 The matmul runs in ``torch._scaled_mm`` on GPUs of compute capability 8.9 or higher
 (Ada, Hopper, Blackwell). Elsewhere an emulation does the same arithmetic: FP8 values
@@ -18,90 +19,37 @@ multiplied by the two inverse scales, as the kernel does.
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn as nn
 
 from llmcore.nn.swap import swap_modules
+from llmcore.precision.fp8_scaling import (  # noqa: F401  (re-exported)
+    FP8_DTYPES, AmaxHistory, amax_to_scale, delayed_scale, dequantize, quantize)
+from llmcore.runtime import device_caps
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALINGS = ("tensorwise", "rowwise", "delayed")
 BACKENDS = ("auto", "scaled_mm", "emulate")
 
 
-def _check_dtype(dtype: torch.dtype) -> None:
-    if dtype not in FP8_DTYPES:
-        raise ValueError(f"dtype={dtype} is not an FP8 dtype; use one of {FP8_DTYPES}")
-
-
-def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The float32 scale that maps ``amax`` onto the largest value of ``dtype``."""
-    _check_dtype(dtype)
-    # An all-zero tensor has amax 0: any scale works, keep it finite.
-    return torch.finfo(dtype).max / amax.float().clamp(min=1e-12)
-
-
-def quantize(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
-             scaling: str = "tensorwise", scale: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_fp8, scale)`` with ``x ~= x_fp8.float() / scale``.
-
-    ``scaling="tensorwise"`` gives a 0-d scale, ``"rowwise"`` one scale per row (shape
-    ``(..., 1)``, the amax taken over the last dimension). A given ``scale`` (from
-    delayed scaling) is used as is; values it pushes past the format's range saturate.
-    """
-    _check_dtype(dtype)
-    if scaling not in ("tensorwise", "rowwise"):
-        raise ValueError(f"scaling={scaling!r}; use 'tensorwise' or 'rowwise' (delayed "
-                         "scaling passes its own `scale`)")
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
-    x = x.float()
-    if scale is None:
-        amax = x.abs().amax() if scaling == "tensorwise" else \
-            x.abs().amax(dim=-1, keepdim=True)
-        scale = amax_to_scale(amax, dtype)
-    fmax = torch.finfo(dtype).max
-    # Saturate before the cast: torch's cast to e5m2 overflows to inf.
-    x_fp8 = (x * scale).clamp(-fmax, fmax).to(dtype)
-    return x_fp8, scale.float()
-
-
-def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (x_fp8.float() / scale).to(dtype)
-
-
-class AmaxHistory(nn.Module):
-    """Delayed scaling: the scale comes from the largest amax of the last ``length``
-    steps, so it is known before the tensor is (Transformer Engine's default recipe)."""
-
-    def __init__(self, length: int = 16):
-        super().__init__()
-        if length < 1:
-            raise ValueError(f"length must be >= 1, got {length}")
-        self.register_buffer("history", torch.zeros(length))
-        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
-
-    def scale(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The scale for ``x`` from the history (from ``x`` itself on the first step),
-        then record ``x``'s amax for the steps to come."""
-        amax = x.detach().abs().amax().float()
-        past = self.history.amax() if self.seen > 0 else amax
-        self.history.copy_(torch.roll(self.history, 1))
-        self.history[0] = amax
-        self.seen += 1
-        return amax_to_scale(past, dtype)
+@torch.compiler.assume_constant_result
+def _capability(index: int) -> tuple[int, int]:
+    # Asked once per trace: compiled code treats the answer as a constant.
+    return device_caps(torch.device("cuda", index)).capability
 
 
 def fp8_backend(device: torch.device | str) -> tuple[str, str]:
     """``(backend, reason)``: ``"scaled_mm"`` on CUDA with SM >= 8.9, else
-    ``"emulate"``."""
+    ``"emulate"``, with the reason said plainly."""
     device = torch.device(device)
     if device.type != "cuda":
-        return "emulate", f"no FP8 tensor cores on {device.type}"
-    cap = torch.cuda.get_device_capability(device)
+        return "emulate", f"emulated: no FP8 tensor cores on {device.type}"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    cap = _capability(index)
     if cap < (8, 9):
-        return "emulate", f"GPU has compute capability {cap[0]}.{cap[1]} < 8.9"
+        return "emulate", (f"emulated: GPU has compute capability {cap[0]}.{cap[1]},"
+                           " FP8 tensor cores need 8.9")
     return "scaled_mm", f"FP8 tensor cores (SM {cap[0]}.{cap[1]})"
 
 
@@ -149,14 +97,15 @@ class _Float8Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, scaling, backend, hist_x, hist_w, hist_g):
+    def forward(ctx, x, w, scaling, backend, sx, sw, g_history, g_seen):
+        # sx, sw: delayed scales or None; g_history, g_seen: the gradient's amax
+        # history, updated in backward (None unless delayed)
         e4m3 = torch.float8_e4m3fn
-        ctx.conf = (scaling, backend, hist_g, x.dtype, w.dtype)
+        ctx.conf = (scaling, backend, x.dtype, w.dtype)
+        ctx.g_state = (g_history, g_seen)
         if scaling == "rowwise":
             ctx.save_for_backward(x, w)
             return scaled_matmul(x, w, e4m3, e4m3, scaling, x.dtype, backend)
-        sx = hist_x.scale(x, e4m3) if hist_x is not None else None
-        sw = hist_w.scale(w, e4m3) if hist_w is not None else None
         x8, sx = quantize(x, e4m3, "tensorwise", sx)  # (M, K)
         w8, sw = quantize(w, e4m3, "tensorwise", sw)  # (N, K)
         ctx.save_for_backward(x8, sx, w8, sw)
@@ -164,7 +113,7 @@ class _Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        scaling, backend, hist_g, x_dtype, w_dtype = ctx.conf
+        scaling, backend, x_dtype, w_dtype = ctx.conf
         e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
         if scaling == "rowwise":
             x, w = ctx.saved_tensors
@@ -174,14 +123,15 @@ class _Float8Matmul(torch.autograd.Function):
             # grad_w (N, K) = gy.T (N, M) @ x (M, K): contract over M.
             gw = scaled_matmul(gy.t().contiguous(), x.t().contiguous(), e4m3, e4m3,
                                scaling, w_dtype, backend)
-            return gx, gw, None, None, None, None, None
+            return gx, gw, None, None, None, None, None, None
         x8, sx, w8, sw = ctx.saved_tensors
-        sg = hist_g.scale(gy, e5m2) if hist_g is not None else None
+        g_history, g_seen = ctx.g_state
+        sg = None if g_history is None else delayed_scale(g_history, g_seen, gy, e5m2)
         g8, sg = quantize(gy, e5m2, "tensorwise", sg)  # (M, N)
         gx = _mm(g8, sg, w8.t().contiguous(), sw, x_dtype, backend)  # (M, K)
         gw = _mm(g8.t().contiguous(), sg, x8.t().contiguous(), sx, w_dtype,
                  backend)  # (N, K)
-        return gx, gw, None, None, None, None, None
+        return gx, gw, None, None, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -226,9 +176,14 @@ class Float8Linear(nn.Linear):
             x = x.to(torch.get_autocast_dtype(dev))
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (B*T, C_in)
+        sx = sw = g_history = g_seen = None
+        if self.scaling == "delayed":  # scales known before the casts, on the device
+            sx = self.hist_x.scale(x2, torch.float8_e4m3fn)
+            sw = self.hist_w.scale(self.weight, torch.float8_e4m3fn)
+            g_history, g_seen = self.hist_g.history, self.hist_g.seen
         y = _Float8Matmul.apply(x2, self.weight, self.scaling,
-                                self.resolved_backend(x.device), self.hist_x,
-                                self.hist_w, self.hist_g)
+                                self.resolved_backend(x.device), sx, sw, g_history,
+                                g_seen)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)  # (B, T, C_out)
@@ -237,12 +192,39 @@ class Float8Linear(nn.Linear):
         return f"{super().extra_repr()}, scaling={self.scaling}, backend={self.backend}"
 
 
+def size_filter(min_features: int = 1024, skip: Sequence[str] = ("lm_head",)
+                ) -> Callable[[nn.Module, str], bool]:
+    """A ``module_filter_fn`` that converts only linears with both sizes at least
+    ``min_features`` and whose name does not end with one of ``skip``.
+
+    FP8 pays only where the matmul is large: casting x and w costs passes over
+    ``M * K + N * K`` values and a few small kernels per layer whatever the size,
+    while the time saved grows as ``M * N * K``. Below about a thousand features
+    the casts eat the gain, so small linears stay in bf16 (torchao filters by size
+    for the same reason). The output layer is kept by name: its logits feed the
+    loss directly and are the most sensitive to rounding.
+    """
+    if not (isinstance(min_features, int) and min_features >= 16):
+        raise ValueError(f"min_features={min_features!r} must be an int >= 16")
+    skip = tuple(skip)
+
+    def keep_small_in_high_precision(module: nn.Module, fqn: str) -> bool:
+        if any(fqn == s or fqn.endswith("." + s) for s in skip):
+            return False
+        return min(module.in_features, module.out_features) >= min_features
+
+    return keep_small_in_high_precision
+
+
 def convert_to_float8(model: nn.Module, module_filter_fn=None,
                       scaling: str = "tensorwise", backend: str = "auto",
                       quiet: bool = False) -> nn.Module:
     """Swap, in place, every ``nn.Linear`` for which ``module_filter_fn(module, fqn)``
     is true (all when None) for a ``Float8Linear``; return the model.
 
+    For speed pass ``size_filter()``: small matmuls then stay in high precision.
+    A fused q/k/v projection (one ``Linear(C, 3C)``) becomes one ``Float8Linear``,
+    so its input is cast to FP8 once, not three times.
     Layers whose sizes are not multiples of 16 stay as they are (``_scaled_mm`` needs
     that). Prints one line saying how many were swapped and which path runs them.
     """
