@@ -1,5 +1,7 @@
 """Data pipeline: LM windows and token cache, MLM masking, RTD corruption, collate."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ from llmcore.data import (
     detection_loss, get_batch, load_token_cache, mask_tokens, pad_sequences,
     replace_tokens, split_tokens, write_token_cache)
 from llmcore.data import lm
-from llmcore.data.lm import token_dtype
+from llmcore.data.lm import token_dtype, unigram_loss
 
 
 # ---------------------------------------------------------------- causal LM windows
@@ -151,6 +153,21 @@ def test_token_cache_is_written_through_atomic_write(tmp_path, monkeypatch):
     assert write_token_cache(tmp_path / "a.bin", [1, 2], vocab_size=3) == 2
     assert calls == [(str(tmp_path / "a.bin"), "wb")]
     assert list(load_token_cache(tmp_path / "a.bin")) == [1, 2]
+
+
+def test_unigram_loss_is_the_frequency_model():
+    """Against the definition: -mean log p(id), p from smoothed training counts."""
+    train, held = [0, 0, 0, 1], [0, 1, 2]
+    p = np.array([4, 2, 1]) / 7  # counts + 1
+    want = -np.log(p[held]).mean()
+    assert unigram_loss(train, held, 3) == pytest.approx(want)
+    # uniform data: the unigram loss is log V, the loss of guessing
+    ids = torch.arange(50).repeat(20)
+    assert unigram_loss(ids, ids, 50) == pytest.approx(math.log(50))
+    with pytest.raises(ValueError, match="vocab_size"):
+        unigram_loss([0, 5], [0], 3)
+    with pytest.raises(ValueError, match="empty"):
+        unigram_loss([0], [], 3)
 
 
 # ---------------------------------------------------------------- masked LM

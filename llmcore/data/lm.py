@@ -15,6 +15,7 @@ Public API::
     LMWindows(tokens, block_size, stride=None)          # a torch Dataset of (x, y)
     write_token_cache(path, tokens, vocab_size) -> int  # number of ids written
     load_token_cache(path) -> np.memmap                 # read-only, 1-D
+    unigram_loss(train, held_out, vocab_size) -> float  # the no-context baseline
 
 ``tokens``/``data`` is any 1-D sequence of ids: a ``torch.Tensor``, a NumPy array or
 memmap, or a list. ``x`` and ``y`` are int64 tensors of shape ``(batch_size,
@@ -195,3 +196,23 @@ def load_token_cache(path: str | os.PathLike) -> np.memmap:
     if count == 0:  # mmap cannot map zero bytes
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
+
+
+def unigram_loss(train_tokens, eval_tokens, vocab_size: int) -> float:
+    """Cross-entropy, in nats per token, of ``eval_tokens`` under the unigram model
+    of ``train_tokens``: each id's frequency (add-one smoothed), context ignored.
+
+    The loss a language model reaches by learning nothing but which tokens are
+    common; a model that has learned anything from context must beat it.
+    """
+    train_np, eval_np = (np.asarray(t.cpu() if isinstance(t, torch.Tensor) else t,
+                                    dtype=np.int64)
+                         for t in (_as_1d(train_tokens), _as_1d(eval_tokens)))
+    if len(eval_np) == 0:
+        raise ValueError("eval_tokens is empty")
+    for name, ids in (("train_tokens", train_np), ("eval_tokens", eval_np)):
+        if len(ids) and (ids.min() < 0 or ids.max() >= vocab_size):
+            raise ValueError(f"{name} has ids outside [0, vocab_size={vocab_size})")
+    counts = np.bincount(train_np, minlength=vocab_size) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[eval_np].mean())
