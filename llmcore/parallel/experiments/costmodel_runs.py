@@ -1,0 +1,183 @@
+"""Predicted against measured step time: the runs behind ``python -m llmcore.bench
+parallel`` and chapter 19.
+
+One launch of two processes calibrates the model (collectives, compute, optimizer)
+and times every two-process plan; a second launch of four processes times the plans
+that need four. Each plan is the book's hand-written implementation training a small
+GPT with Adam: one timed step is zero_grad, forward, backward (with its
+communication) and the optimizer step, median of several after warm-up.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+
+from llmcore.config import check_positive
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel.calibrate import (fit_compute, fit_link, median_times,
+                                        sweep_worker)
+from llmcore.parallel.comm import Comm
+from llmcore.parallel.costmodel import Plan
+from llmcore.parallel.data_parallel import BucketedDataParallel
+from llmcore.parallel.launch import launch
+from llmcore.parallel.pipeline import GPTStage, run_pipeline, sync_tied_grads
+from llmcore.parallel.steptime import OPS, Cluster, Device, step_time, train_flops
+from llmcore.parallel.tensor_parallel import apply_tensor_parallel
+from llmcore.parallel.zero import ZeroDataParallel
+
+# name -> (processes, layout); the pipeline runs 1F1B over MICRO micro-batches
+PLANS = {"dp": (2, Plan(dp=2)), "zero1": (2, Plan(dp=2, zero=1)),
+         "zero3": (2, Plan(dp=2, zero=3)), "tp": (2, Plan(tp=2)),
+         "pp_1f1b": (2, Plan(pp=2, micro_batches=4)),
+         "dp4": (4, Plan(dp=4)), "dp2_tp2": (4, Plan(dp=2, tp=2))}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The GPT and batch every plan trains; small enough for a 2-core CPU."""
+
+    model: GPTConfig = field(default_factory=lambda: GPTConfig(
+        vocab_size=64, block_size=64, n_layer=4, n_head=4, n_embd=128))
+    batch: int = 16  # global batch (sequences of block_size tokens)
+    reps: int = 7  # timed steps per plan (the median counts)
+    warmup: int = 2  # untimed steps first
+
+    def __post_init__(self):
+        check_positive(self, "batch", "reps", "warmup")
+
+
+def _batch(bc: BenchConfig, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (bc.batch, bc.model.block_size)
+    return (torch.randint(bc.model.vocab_size, shape, generator=g),
+            torch.randint(bc.model.vocab_size, shape, generator=g))
+
+
+def _plan_step(name: str, plan: Plan, bc: BenchConfig, x, y):
+    """A closure running one training step of ``plan`` on this rank."""
+    torch.manual_seed(0)  # same weights on every rank
+    model = GPT(bc.model)
+    if name == "pp_1f1b":
+        stage = GPTStage(model, dist.get_rank(), 2)
+        comm, m = Comm(None), plan.micro_batches
+        opt = torch.optim.AdamW(stage.parameters(), lr=1e-4)
+        act = (bc.batch // m, bc.model.block_size, bc.model.n_embd)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            run_pipeline(stage, "1f1b", comm, x, y, m, act)
+            sync_tied_grads(model, comm)
+            opt.step()
+        return step
+    if plan.tp > 1:
+        mesh = init_device_mesh("cpu", (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+        model = apply_tensor_parallel(model, mesh.get_group("tp"))
+        dp_group, row = mesh.get_group("dp"), mesh.get_local_rank("dp")
+    else:
+        dp_group, row = None, dist.get_rank()
+    xs, ys = x.chunk(plan.dp)[row], y.chunk(plan.dp)[row]
+    if plan.zero:
+        units = list(model.blocks) if plan.zero == 3 else ()
+        zdp = ZeroDataParallel(model, plan.zero, units=units, lr=1e-4)
+
+        def step():
+            zdp.zero_grad()
+            zdp(xs, ys)[1].backward()
+            zdp.step()
+        return step
+    if plan.dp > 1:
+        model = BucketedDataParallel(model, dp_group)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(xs, ys)[1].backward()
+        opt.step()
+    return step
+
+
+def plans_worker(rank: int, world_size: int, bc: BenchConfig, names: list) -> dict:
+    """Median seconds of a training step of each plan in ``names``, timed in turns."""
+    x, y = _batch(bc)
+    steps = {name: _plan_step(name, PLANS[name][1], bc, x, y) for name in names}
+    return median_times(steps, bc.reps, bc.warmup)
+
+
+def calibrate_worker(rank: int, world_size: int, bc: BenchConfig,
+                     names: list) -> dict:
+    """Calibration (collectives, then compute and Adam with every rank busy at once,
+    as in a run) and the step time of the plans in ``names``, timed in the same
+    rounds as the compute calibration."""
+    sweep = sweep_worker(rank, world_size)
+    x, y = _batch(bc)
+    torch.manual_seed(0)
+    model = GPT(bc.model)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def compute(b):
+        def step():
+            model.zero_grad(set_to_none=True)
+            model(x[:b], y[:b])[1].backward()
+        return step
+
+    small, big = bc.batch // 4, bc.batch
+    steps = {"small": compute(small), "big": compute(big), "adam": opt.step}
+    steps.update({name: _plan_step(name, PLANS[name][1], bc, x, y) for name in names})
+    t = median_times(steps, bc.reps, bc.warmup)
+    seq = bc.model.block_size
+    fit = fit_compute(t["small"], t["big"], train_flops(bc.model, small, seq),
+                      train_flops(bc.model, big, seq))
+    return {"sweep": sweep, "compute": fit | {"t_small": t["small"], "t_big": t["big"]},
+            "adam_s_per_param": t["adam"] / sum(p.numel() for p in params),
+            "n_tensors": len(params), "measured": {n: t[n] for n in names}}
+
+
+def cluster_from(cal: dict, cores: int, world_size: int = 2) -> Cluster:
+    """The calibrated model of this machine: one link table, ``cores`` shared."""
+    links = {op: fit_link(op, cal["sweep"][op], world_size) for op in OPS}
+    c = cal["compute"]
+    device = Device("this machine", c["flops"], c["fixed_s"], cal["adam_s_per_param"],
+                    cores)
+    return Cluster(device, intra=links, per_node=64)
+
+
+def predict(bc: BenchConfig, cluster: Cluster, name: str, n_tensors: int) -> dict:
+    """The model's step time of plan ``name``, with the implementation's message
+    counts: one gradient bucket for DP, one message per tensor for ZeRO."""
+    plan = PLANS[name][1]
+    return step_time(bc.model, plan, bc.batch, bc.model.block_size, cluster,
+                     dp_messages=n_tensors if plan.zero else None, prefetch=False)
+
+
+def run(bc: BenchConfig = BenchConfig(), four: bool = True,
+        names: tuple = tuple(PLANS)) -> dict:
+    """Calibrate, measure and predict the plans ``names``; the results file's rows."""
+    unknown = set(names) - set(PLANS)
+    if unknown:
+        raise ValueError(f"unknown plans {sorted(unknown)}; choose from {list(PLANS)}")
+    two = [n for n in names if PLANS[n][0] == 2]
+    cal = launch(calibrate_worker, 2, bc, two, backend="gloo", threads=1,
+                 wall_timeout=600)
+    measured = dict(cal[0]["measured"])
+    if four:
+        fours = [n for n in names if PLANS[n][0] == 4]
+        measured.update(launch(plans_worker, 4, bc, fours, backend="gloo",
+                               threads=1, wall_timeout=600)[0])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count()
+    cluster = cluster_from(cal[0], cores)
+    rows = []
+    for name, t in measured.items():
+        parts = predict(bc, cluster, name, cal[0]["n_tensors"])
+        rows.append({"plan": name, "processes": PLANS[name][0],
+                     "predicted_s": parts["total"], "measured_s": t,
+                     "error": parts["total"] / t - 1, "parts": parts})
+    return {"calibration": cal[0] | {"measured": None}, "cores": cores, "plans": rows,
+            "links": {op: vars(lk) for op, lk in cluster.intra.items()},
+            "device": vars(cluster.device)}
