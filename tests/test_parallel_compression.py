@@ -8,8 +8,9 @@ import torch
 
 from llmcore.parallel import launch
 from llmcore.parallel.compression import make_hook, orthogonalize
-from llmcore.parallel.data_parallel import (TinyLM, max_abs_diff, random_batches,
-                                            train_single, train_worker)
+from llmcore.parallel.experiments.common import max_abs_diff, train_single
+from llmcore.parallel.experiments.data import train_worker
+from parallel_fixtures import TinyLM, random_batches
 
 pytestmark = pytest.mark.distributed
 

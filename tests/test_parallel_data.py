@@ -5,11 +5,12 @@ import functools
 import pytest
 import torch
 
-from llmcore.parallel import launch
+from llmcore.parallel import BucketedDataParallel, launch
 from llmcore.parallel.costmodel import dp_payload
-from llmcore.parallel.data_parallel import (TinyLM, make_buckets, max_abs_diff,
-                                            random_batches, train_single,
-                                            train_worker)
+from llmcore.parallel.data_parallel import make_buckets
+from llmcore.parallel.experiments.common import max_abs_diff, train_single
+from llmcore.parallel.experiments.data import train_worker
+from parallel_fixtures import TinyLM, random_batches
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)
 DATA = random_batches(steps=3, batch=8, seq=6, vocab=32)
@@ -25,8 +26,6 @@ class WithUnused(torch.nn.Module):
 
 
 def unused_parameter_is_reported():
-    from llmcore.parallel import BucketedDataParallel
-
     dp = BucketedDataParallel(WithUnused())
     dp(torch.ones(1, 2)).sum().backward()
     try:

@@ -9,8 +9,9 @@ import torch
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch
 from llmcore.parallel.costmodel import bubble_fraction, pp_payload
-from llmcore.parallel.pipeline import (bubble, gpipe, one_f_one_b, pipeline_worker,
-                                       simulate, torch_pipelining_worker)
+from llmcore.parallel.experiments.pipeline import (dp_pp_worker, pipeline_worker,
+                                                   torch_pipelining_worker)
+from llmcore.parallel.pipeline import bubble, gpipe, one_f_one_b, simulate
 
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)
 MODEL = functools.partial(GPT, CFG)
@@ -65,8 +66,6 @@ def test_pipeline_matches_single_device_and_torch():
 
 @pytest.mark.distributed
 def test_data_times_pipeline_parallel_on_four_ranks():
-    from llmcore.parallel.pipeline import dp_pp_worker
-
     torch.manual_seed(0)
     model = MODEL()
     model(X, Y)[1].backward()

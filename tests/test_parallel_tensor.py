@@ -11,6 +11,7 @@ from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.costmodel import tp_payload
+from llmcore.parallel.experiments.tensor import dtensor_worker, hybrid_worker
 from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                               VocabParallelEmbedding,
                                               apply_tensor_parallel, column_from,
@@ -117,8 +118,6 @@ def test_layers_match_dtensor(two_ranks):
 
 
 def test_hybrid_data_times_tensor_parallel_on_four_ranks():
-    from llmcore.parallel.tensor_parallel import hybrid_worker
-
     x = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(3))
     y = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(4))
     out = launch(hybrid_worker, 4, CFG, x, y)

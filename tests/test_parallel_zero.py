@@ -8,9 +8,11 @@ import torch
 from llmcore.parallel import launch
 from llmcore.accounting import zero_bytes_per_param, zero_state_bytes
 from llmcore.parallel.costmodel import zero_payload
-from llmcore.parallel.data_parallel import TinyLM, random_batches
-from llmcore.parallel.zero import (fsdp_worker, train_adam_single,
-                                   zero_worker)
+from llmcore.parallel.zero import ZeroDataParallel
+from llmcore.parallel.experiments.common import (local_batches, train_adam_single,
+                                                 units_of)
+from llmcore.parallel.experiments.zero import fsdp_worker, zero_worker
+from parallel_fixtures import TinyLM, WithIdle, random_batches
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)
 DATA = random_batches(steps=3, batch=8, seq=6, vocab=32)
@@ -57,3 +59,85 @@ def test_zero_stages_match_unsharded_adam_and_fsdp2():
         assert pay[s] == pytest.approx(zero_payload(s, n, 4, root_params=n - n_unit)), s
         assert sum(r0["bf16"][s]["memory"].values()) == pytest.approx(
             zero_state_bytes(n, s, 2), rel=0.01)
+
+
+# ------------------------------------------------- fixes: nothing silently wrong
+
+IDLE = functools.partial(WithIdle, vocab_size=32, n_embd=16, hidden=32)
+
+
+def discarded_backward(rank, world_size, stage):
+    """A backward whose gradients are dropped by zero_grad() before any step."""
+    torch.manual_seed(0)
+    model = MODEL()
+    z = ZeroDataParallel(model, stage, units=units_of(model, "mlp"), lr=1e-2)
+    batches = list(local_batches(DATA, rank, world_size))
+    z(*batches[0])[1].backward()
+    z.zero_grad()  # forget it
+    for x, y in batches:
+        z(x, y)[1].backward()
+        z.step()
+        z.zero_grad()
+    return z.full_parameters()
+
+
+def master_from_fp32(rank, world_size):
+    torch.manual_seed(0)
+    fp32 = {n: p.detach().clone() for n, p in MODEL().named_parameters()}
+    return {s: max_diff(_zero_of(fp32, s).full_parameters(), fp32) for s in (0, 1, 3)}
+
+
+def _zero_of(weights, stage):
+    model = MODEL()
+    model.load_state_dict(weights)
+    return ZeroDataParallel(model, stage, units=units_of(model, "mlp"),
+                            param_dtype=torch.bfloat16)
+
+
+def idle_unit(rank, world_size):
+    """Stage 3 with a frozen and an unused parameter inside the unit."""
+    torch.manual_seed(rank)  # frozen weights differ too: the broadcast must fix them
+    model = IDLE()
+    z = ZeroDataParallel(model, 3, units=units_of(model, "mlp"), lr=1e-2)
+    freed = []
+    for x, y in local_batches(DATA, rank, world_size):
+        z(x, y)[1].backward()
+        freed.append(all(p.untyped_storage().nbytes() == 0 for p in z.params))
+        z.step()
+        z.zero_grad()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+              if not p.requires_grad}
+    return {"params": {**z.full_parameters(), **frozen}, "freed": freed}
+
+
+def every_fix(rank, world_size):
+    return {"discard": {s: discarded_backward(rank, world_size, s) for s in (1, 2, 3)},
+            "master": master_from_fp32(rank, world_size),
+            "idle": idle_unit(rank, world_size)}
+
+
+@pytest.fixture(scope="module")
+def fixes():
+    return launch(every_fix, 2)
+
+
+@pytest.mark.distributed
+def test_zero_grad_without_step_leaves_nothing_behind(fixes):
+    ref = train_adam_single(MODEL, DATA)
+    for r in fixes:
+        for s, params in r["discard"].items():
+            assert max_diff(params, ref) < 1e-5, s
+
+
+@pytest.mark.distributed
+def test_master_copy_is_built_from_the_fp32_weights(fixes):
+    # bf16 would round every weight by up to 2^-9 relative; the master keeps fp32
+    assert all(gap == 0.0 for gap in fixes[0]["master"].values())
+
+
+@pytest.mark.distributed
+def test_stage3_frees_a_unit_with_frozen_and_unused_parameters(fixes):
+    ref = train_adam_single(IDLE, DATA)
+    for r in fixes:
+        assert all(r["idle"]["freed"])  # nothing left gathered after backward
+        assert max_diff(r["idle"]["params"], ref) < 1e-5  # every forward saw the step

@@ -20,6 +20,7 @@ counts the bytes this rank handed to collectives.
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
 from llmcore.parallel.comm import HookState, allreduce_hook
 
@@ -80,21 +81,31 @@ class TopKState(HookState):
             raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
         self.ratio = ratio
         self.error_feedback = error_feedback
-        self.error: dict[int, torch.Tensor] = {}  # what was not sent, per bucket
+        # What was not sent, per parameter: DDP regroups its buckets after the first
+        # step (in the order gradients arrived), so a bucket's index does not name
+        # the same gradients from one step to the next; a parameter does.
+        self.error: dict[int, torch.Tensor] = {}
 
 
 def topk_hook(state: TopKState, bucket) -> torch.futures.Future[torch.Tensor]:
-    """Send the k largest entries (values and int32 indices); remember the rest."""
+    """Send each gradient's k largest entries (values and int32 indices into the
+    bucket); remember the rest. k is chosen per gradient, so the result does not
+    depend on how the gradients are grouped into buckets."""
     buf = bucket.buffer()
-    acc = buf + state.error.get(bucket.index(), 0)
-    k = max(1, int(state.ratio * acc.numel()))
-    idx = acc.abs().topk(k, sorted=False).indices
-    vals = acc[idx]
-    if state.error_feedback:
-        acc[idx] = 0  # what was sent leaves the memory
-        state.error[bucket.index()] = acc
+    picked, offset = [], 0
+    for p, g in zip(bucket.parameters(), bucket.gradients()):
+        acc = g.reshape(-1) + state.error.get(id(p), 0)
+        k = max(1, int(state.ratio * acc.numel()))
+        idx = acc.abs().topk(k, sorted=False).indices
+        picked.append((acc[idx], idx + offset))
+        if state.error_feedback:
+            acc[idx] = 0  # what was sent leaves the memory
+            state.error[id(p)] = acc
+        offset += acc.numel()
+    vals = torch.cat([v for v, _ in picked])
+    idx = torch.cat([i for _, i in picked]).int()
     all_vals = _all_gather(state, vals).flatten()
-    all_idx = _all_gather(state, idx.int()).flatten().long()
+    all_idx = _all_gather(state, idx).flatten().long()
     dense = torch.zeros_like(buf).index_add_(0, all_idx, all_vals)
     return _done(buf.copy_(dense / state.world_size))
 
@@ -222,8 +233,6 @@ def make_hook(name: str, process_group=None, **kwargs):
     if name == "powersgd":
         return PowerSGDState(process_group, **kwargs), powersgd_hook
     if name == "torch_powersgd":
-        from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
-
         return ps.PowerSGDState(process_group, **kwargs), ps.powerSGD_hook
     raise ValueError(f"unknown compression {name!r}; use allreduce, fp16, bf16, int8, "
                      "topk, powersgd or torch_powersgd")
@@ -239,19 +248,3 @@ def powersgd_payload(shapes, rank: int, min_compression_rate: float = 2.0) -> in
         r = min(n, m, rank)
         total += (n + m) * r if (n + m) * r * min_compression_rate < n * m else n * m
     return total
-
-
-# ------------------------------------------------- the experiment the book runs
-
-
-def compression_sweep(rank: int, world_size: int, model_fn, data, lr: float,
-                      schemes: dict) -> dict:
-    """Train with each scheme {label: (hook name, kwargs)}, bucketed wrapper."""
-    from llmcore.parallel.data_parallel import train_worker
-
-    out = {}
-    for label, (name, kwargs) in schemes.items():
-        kind = "ddp" if name == "torch_powersgd" else "bucketed"
-        out[label] = train_worker(rank, world_size, model_fn, kind, data, lr,
-                                  hook=name, **kwargs)
-    return out

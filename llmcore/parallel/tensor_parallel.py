@@ -8,109 +8,28 @@ Using Model Parallelism". A linear layer y = x W^T splits two ways:
 * row-parallel: rank r holds columns r of W (a slice of the inputs); it takes the split
   input and produces a partial sum, all-reduced into y.
 
-An MLP is column then row; attention is column (q, k, v: a slice of the heads) then row
-(the output projection). Each block then needs only two communication operators:
-``f`` (identity forward, all-reduce backward) where the region begins and ``g``
-(all-reduce forward, identity backward) where it ends.
+An MLP is column then row; attention is column (the fused q/k/v projection: a slice
+of the heads) then row (the output projection). Each block then needs only the two
+operators of :mod:`llmcore.parallel.tp_comm`: ``f`` where the region begins and ``g``
+where it ends. :func:`apply_tensor_parallel` swaps the GPT's linear layers for these,
+in place; the attention module itself is unchanged, since it runs on however many
+heads its projection produces (projection width // head size).
 """
 
 from __future__ import annotations
 
-import copy
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llmcore.nn.swap import set_submodule
 from llmcore.parallel.comm import Comm
-
-
-# ------------------------------------------------- the communication operators
-
-
-class _CopyToParallel(torch.autograd.Function):
-    """f: the input is used by every rank, so its gradients are summed."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        ctx.comm.all_reduce(grad)
-        return grad, None
-
-
-class _ReduceFromParallel(torch.autograd.Function):
-    """g: partial sums become the full output; each rank passes the gradient on."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        x = x.contiguous().clone()
-        comm.all_reduce(x)
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _gather_last(x: torch.Tensor, comm: Comm) -> torch.Tensor:
-    out = x.new_empty(comm.world_size * x.numel())
-    comm.all_gather(out, x.reshape(-1))
-    return torch.cat(out.view(comm.world_size, *x.shape).unbind(0), dim=-1)
-
-
-def _my_chunk(x: torch.Tensor, comm: Comm) -> torch.Tensor:
-    return x.chunk(comm.world_size, dim=-1)[comm.rank].contiguous()
-
-
-class _GatherFromParallel(torch.autograd.Function):
-    """Concatenate the ranks' slices of the last dimension; backward keeps our slice."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return _gather_last(x, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _my_chunk(grad, ctx.comm), None
-
-
-class _ScatterToParallel(torch.autograd.Function):
-    """Keep our slice of the last dimension; backward gathers the slices."""
-
-    @staticmethod
-    def forward(ctx, x, comm):
-        ctx.comm = comm
-        return _my_chunk(x, comm)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_last(grad, ctx.comm), None
-
-
-def copy_to_parallel(x, comm):
-    return _CopyToParallel.apply(x, comm)
-
-
-def reduce_from_parallel(x, comm):
-    return _ReduceFromParallel.apply(x, comm)
-
-
-def gather_from_parallel(x, comm):
-    return _GatherFromParallel.apply(x, comm)
-
-
-def scatter_to_parallel(x, comm):
-    return _ScatterToParallel.apply(x, comm)
-
-
-# ------------------------------------------------- the layers
+from llmcore.parallel.rng import RNGTracker, fork_around, tp_region_seed
+from llmcore.parallel.tp_comm import (copy_to_parallel, gather_from_parallel,
+                                      gather_last, reduce_from_parallel,
+                                      scatter_to_parallel)
 
 
 def _split(n: int, comm: Comm, what: str) -> int:
@@ -121,14 +40,20 @@ def _split(n: int, comm: Comm, what: str) -> int:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x W^T + b with W split by rows: ``weight`` is (out_features / world, in)."""
+    """y = x W^T + b with W split by rows: ``weight`` is (out_features / world, in).
+
+    ``parts``: the rows hold that many stacked matrices (3 for a fused q/k/v
+    projection); each rank keeps its slice of every part, so its output is
+    [q_r | k_r | v_r].
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 gather_output: bool = False, group=None, comm: Comm | None = None):
+                 gather_output: bool = False, group=None, comm: Comm | None = None,
+                 parts: int = 1):
         super().__init__()
         self.comm = comm or Comm(group)
-        self.gather_output = gather_output
-        local = _split(out_features, self.comm, "out_features")
+        self.gather_output, self.parts = gather_output, parts
+        local = _split(out_features // parts, self.comm, "out_features") * parts
         self.weight = nn.Parameter(torch.empty(local, in_features))
         self.bias = nn.Parameter(torch.zeros(local)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # as nn.Linear does
@@ -139,8 +64,13 @@ class ColumnParallelLinear(nn.Module):
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
         """The unsplit tensor from every rank's ``t`` (weight, bias or a gradient)."""
-        return _gather_last(t.T.contiguous(), self.comm).T if t.dim() == 2 else \
-            _gather_last(t, self.comm)
+        whole = gather_last(t.T.contiguous(), self.comm).T if t.dim() == 2 else \
+            gather_last(t, self.comm)
+        if self.parts == 1:
+            return whole
+        # rank blocks [q_0; k_0; v_0; q_1; ...] -> [q_0; q_1; ...; k_0; ...]
+        blocks = [b.chunk(self.parts) for b in whole.chunk(self.comm.world_size)]
+        return torch.cat([b[j] for j in range(self.parts) for b in blocks])
 
 
 class RowParallelLinear(nn.Module):
@@ -166,7 +96,7 @@ class RowParallelLinear(nn.Module):
         return y + self.bias if self.bias is not None else y
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
-        return _gather_last(t, self.comm) if t.dim() == 2 else t
+        return gather_last(t, self.comm) if t.dim() == 2 else t
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -188,119 +118,90 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_parallel(out, self.comm)  # (B, T, C)
 
     def full(self, t: torch.Tensor) -> torch.Tensor:
-        return _gather_last(t.T.contiguous(), self.comm).T
+        return gather_last(t.T.contiguous(), self.comm).T
 
 
-def _load(layer: nn.Module, weight: torch.Tensor, bias, dim: int) -> nn.Module:
+def _slice(t: torch.Tensor, comm: Comm, dim: int, parts: int = 1) -> torch.Tensor:
+    """This rank's slice along ``dim`` of each of ``parts`` stacked matrices."""
+    return torch.cat([p.chunk(comm.world_size, dim)[comm.rank]
+                      for p in t.detach().chunk(parts, dim)], dim)
+
+
+def _load(layer: nn.Module, weight: torch.Tensor, bias, dim: int,
+          parts: int = 1) -> nn.Module:
     """Copy this rank's slice (along ``dim`` of the weight) of a whole layer."""
-    comm = layer.comm
     with torch.no_grad():
-        layer.weight.copy_(weight.chunk(comm.world_size, dim)[comm.rank])
+        layer.weight.copy_(_slice(weight, layer.comm, dim, parts))
         if bias is not None:
-            part = bias.chunk(comm.world_size)[comm.rank] if dim == 0 else bias
-            layer.bias.copy_(part)
+            layer.bias.copy_(_slice(bias, layer.comm, 0, parts) if dim == 0 else bias)
     return layer
 
 
-def column_from(linear: nn.Linear, comm: Comm, gather_output=False):
+def column_from(linear: nn.Linear, comm: Comm, gather_output=False, parts: int = 1):
+    """The column-parallel twin of ``linear``, holding this rank's rows."""
     layer = ColumnParallelLinear(linear.in_features, linear.out_features,
-                                 linear.bias is not None, gather_output, comm=comm)
-    return _load(layer, linear.weight, linear.bias, 0)
+                                 linear.bias is not None, gather_output, comm=comm,
+                                 parts=parts)
+    return _load(layer, linear.weight, linear.bias, 0, parts)
 
 
 def row_from(linear: nn.Linear, comm: Comm):
+    """The row-parallel twin of ``linear``, holding this rank's columns."""
     layer = RowParallelLinear(linear.in_features, linear.out_features,
                               linear.bias is not None, comm=comm)
     return _load(layer, linear.weight, linear.bias, 1)
 
 
-class ParallelAttention(nn.Module):
-    """Causal self-attention with n_heads / world heads per rank (Megatron, sec. 3).
-
-    q, k, v are one fused column-parallel projection (one ``f``); the output
-    projection is row-parallel (one ``g``). Built from an ``llmcore.nn``
-    MultiHeadAttention; self-attention only, no KV cache.
-    """
-
-    def __init__(self, mha, comm: Comm):
-        super().__init__()
-        self.comm = comm
-        self.n_heads = _split(mha.n_heads, comm, "n_heads")
-        self.head_size, self.dropout = mha.head_size, mha.dropout
-        c = mha.d_model
-        has_bias = mha.q_proj.bias is not None
-        self.qkv = ColumnParallelLinear(c, 3 * c, has_bias, comm=comm)
-        with torch.no_grad():  # rank r: the q, k and v rows of its heads
-            self.qkv.weight.copy_(torch.cat([_load_rows(p.weight, comm) for p in
-                                             (mha.q_proj, mha.k_proj, mha.v_proj)]))
-            if has_bias:
-                self.qkv.bias.copy_(torch.cat([_load_rows(p.bias, comm) for p in
-                                               (mha.q_proj, mha.k_proj, mha.v_proj)]))
-        self.out_proj = row_from(mha.out_proj, comm)
-
-    def forward(self, query, key=None, value=None, attn_mask=None, is_causal=False,
-                kv_cache=None, need_weights=False):
-        if key is not None or value is not None or kv_cache is not None or need_weights:
-            raise ValueError("ParallelAttention does self-attention only: pass query "
-                             "alone (no key, value, kv_cache or need_weights)")
-        b, t, _ = query.shape
-        qkv = self.qkv(query).view(b, t, 3, self.n_heads, self.head_size)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh_local, T, hs)
-        drop = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=drop, is_causal=is_causal)
-        out = out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_size)
-        return self.out_proj(out)  # (B, T, C)
-
-    def full_tensors(self, grad: bool) -> dict[str, torch.Tensor]:
-        """The whole q/k/v/out projections, named as in MultiHeadAttention."""
-        pick = (lambda p: p.grad) if grad else (lambda p: p.detach())
-        out = {}
-        for kind in ("weight", "bias"):
-            p = getattr(self.qkv, kind)
-            if p is None:
-                continue
-            full = self.qkv.full(pick(p))  # rank blocks of [q_r; k_r; v_r]
-            blocks = full.chunk(self.comm.world_size, 0)
-            for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                out[f"{name}.{kind}"] = torch.cat([bl.chunk(3, 0)[j] for bl in blocks])
-            q = getattr(self.out_proj, kind)
-            out[f"out_proj.{kind}"] = self.out_proj.full(pick(q))
-        return out
-
-
-def _load_rows(t: torch.Tensor, comm: Comm) -> torch.Tensor:
-    return t.detach().chunk(comm.world_size, 0)[comm.rank]
-
-
 # ------------------------------------------------- a whole GPT
 
 
-def apply_tensor_parallel(model: nn.Module, group=None, vocab_parallel: bool = True):
+def apply_tensor_parallel(model: nn.Module, group=None, vocab_parallel: bool = True,
+                          seed: int | None = None) -> nn.Module:
     """Split llmcore's GPT across the ranks of ``group``, in place; return it.
 
-    Attention becomes :class:`ParallelAttention`, each FFN's linear1 (and SwiGLU gate)
-    column-parallel and linear2 row-parallel; with ``vocab_parallel`` the tied token
-    embedding and output layer are split by vocabulary rows and the logits gathered.
-    Norms and position embeddings stay replicated. ``model.tp_comm`` counts the bytes.
-    Ranks must start from the same weights (same seed), since each keeps its slice.
+    In every block the fused q/k/v projection becomes column-parallel (each rank keeps
+    the rows of its heads in q, in k and in v) and the output projection row-parallel;
+    the FFN's linear1 (and SwiGLU gate) column-parallel, linear2 row-parallel. With
+    ``vocab_parallel`` the tied token embedding and output layer are split by
+    vocabulary rows and the logits gathered. Norms and position embeddings stay
+    replicated. ``model.tp_comm`` counts the bytes.
+
+    ``seed``: gives the tensor-parallel region (attention and FFN, which work on this
+    rank's heads and hidden units) its own random stream, different on every rank,
+    in ``model.tp_rng``; dropout outside the region uses the default generator, which
+    must be seeded alike on the ranks of ``group``. Ranks must start from the same
+    weights (same seed), since each keeps its slice.
     """
     comm = Comm(group)
+    tracker = None
+    if seed is not None:
+        tracker = RNGTracker()
+        tracker.add("tp", tp_region_seed(seed, comm.rank))
     for block in model.blocks:
-        block.self_attn = ParallelAttention(block.self_attn, comm)
-        ffn = block.ffn
+        attn, ffn = block.self_attn, block.ffn
+        _split(attn.n_heads, comm, "n_heads")
+        if attn.fused_qkv:
+            attn.qkv_proj = column_from(attn.qkv_proj, comm, parts=3)
+        else:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(attn, name, column_from(getattr(attn, name), comm))
+        attn.out_proj = row_from(attn.out_proj, comm)
         ffn.linear1 = column_from(ffn.linear1, comm)
         if ffn.gate is not None:
             ffn.gate = column_from(ffn.gate, comm)
         ffn.linear2 = row_from(ffn.linear2, comm)
+        if tracker is not None:
+            fork_around(attn, tracker, "tp")
+            fork_around(ffn, tracker, "tp")
     if vocab_parallel:
         emb = model.tok_emb
         tok = VocabParallelEmbedding(emb.num_embeddings, emb.embedding_dim, comm=comm)
         _load(tok, emb.weight, None, 0)
         head = column_from(model.lm_head, comm, gather_output=True)
         head.weight = tok.weight  # still tied: the same (V / world, C) slice
-        model.tok_emb, model.lm_head = tok, head
-    model.tp_comm = comm
+        set_submodule(model, "tok_emb", tok)
+        set_submodule(model, "lm_head", head)
+    model.tp_comm, model.tp_rng = comm, tracker
     return model
 
 
@@ -310,100 +211,16 @@ def full_tensors(model: nn.Module, grad: bool = False) -> dict[str, torch.Tensor
     out: dict[str, torch.Tensor] = {}
     done: set[int] = set()
     for prefix, m in model.named_modules():
+        if not isinstance(m, (ColumnParallelLinear, RowParallelLinear,
+                              VocabParallelEmbedding)) or id(m.weight) in done:
+            continue
         pre = prefix + "." if prefix else ""
-        if isinstance(m, ParallelAttention):
-            out.update({pre + k: v for k, v in m.full_tensors(grad).items()})
-            done.update(id(p) for p in m.parameters())
-        elif isinstance(m, (ColumnParallelLinear, RowParallelLinear,
-                            VocabParallelEmbedding)) and id(m.weight) not in done:
-            for kind in ("weight", "bias"):
-                p = getattr(m, kind, None)
-                if p is not None:
-                    out[pre + kind] = m.full(p.grad if grad else p.detach())
-                    done.add(id(p))
+        for kind in ("weight", "bias"):
+            p = getattr(m, kind, None)
+            if p is not None:
+                out[pre + kind] = m.full(p.grad if grad else p.detach())
+                done.add(id(p))
     for name, p in model.named_parameters():
         if id(p) not in done:  # replicated
             out[name] = p.grad if grad else p.detach()
     return out
-
-
-# ------------------------------------------------- the experiments the book runs
-
-
-def _grad_gap(ref: nn.Module, model: nn.Module) -> float:
-    """Largest difference between the reference's gradients and the unsplit ones."""
-    grads = full_tensors(model, grad=True)
-    return max((grads[n] - p.grad).abs().max().item()
-               for n, p in ref.named_parameters())
-
-
-def tp_worker(rank: int, world_size: int, cfg, x, y, seed: int = 0) -> dict:
-    """One forward/backward of a GPT whole and tensor-parallel; losses, gradient gap,
-    payload of the step and the size of this rank's slice."""
-    from llmcore.models.gpt import GPT
-
-    torch.manual_seed(seed)  # same weights on every rank; each keeps its slice
-    ref = GPT(cfg)
-    model = apply_tensor_parallel(copy.deepcopy(ref), None)
-    _, loss = ref(x, y)
-    loss.backward()
-    _, tp_loss = model(x, y)
-    tp_loss.backward()
-    payload = dict(model.tp_comm.stats.payload)
-    return {"loss": loss.item(), "tp_loss": tp_loss.item(), "payload": payload,
-            "grad_gap": _grad_gap(ref, model),
-            "local_params": sum(p.numel() for p in model.parameters())}
-
-
-def hybrid_worker(rank: int, world_size: int, cfg, x, y, tp: int = 2,
-                  seed: int = 0) -> dict:
-    """Data x tensor parallel on a (dp, tp) device mesh: ranks of a row split every
-    matrix, rows split the batch; gradients compared with one process."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    from llmcore.models.gpt import GPT
-    from llmcore.parallel.data_parallel import NaiveDataParallel
-
-    dp = world_size // tp
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
-    torch.manual_seed(seed)
-    ref = GPT(cfg)
-    model = apply_tensor_parallel(copy.deepcopy(ref), mesh.get_group("tp"))
-    ddp = NaiveDataParallel(model, mesh.get_group("dp"))
-    row = mesh.get_local_rank("dp")
-    _, loss = ddp(x.chunk(dp)[row], y.chunk(dp)[row])
-    loss.backward()
-    _, ref_loss = ref(x, y)
-    ref_loss.backward()
-    return {"coords": (row, mesh.get_local_rank("tp")),
-            "grad_gap": _grad_gap(ref, model)}
-
-
-def dtensor_worker(rank: int, world_size: int, cfg, x, y, seed: int = 0) -> float:
-    """Our MLP slices against DTensor's ColwiseParallel/RowwiseParallel on the same
-    GPT: the largest difference of a local weight gradient."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
-
-    from llmcore.models.gpt import GPT
-
-    torch.manual_seed(seed)
-    ref = GPT(cfg)
-    mine = apply_tensor_parallel(copy.deepcopy(ref), None)
-    theirs = copy.deepcopy(ref)
-    mesh = init_device_mesh("cpu", (world_size,))
-    plan = {"ffn.linear1": ColwiseParallel(), "ffn.linear2": RowwiseParallel()}
-    for block in theirs.blocks:
-        parallelize_module(block, mesh, plan)
-    for model in (mine, theirs):
-        model(x, y)[1].backward()
-    gaps = []
-    for a, b in zip(mine.blocks, theirs.blocks):
-        for name in ("linear1", "linear2"):
-            for kind in ("weight", "bias"):
-                pa, pb = getattr(getattr(a.ffn, name), kind), \
-                    getattr(getattr(b.ffn, name), kind)
-                gb = pb.grad.to_local() if hasattr(pb.grad, "to_local") else pb.grad
-                gaps.append((pa.grad - gb).abs().max().item())
-    return max(gaps)

@@ -46,7 +46,7 @@ class ZeroDataParallel(nn.Module):
         super().__init__()
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
-        self.module, self.stage = module.to(param_dtype), stage
+        self.module, self.stage = module, stage
         self.comm = Comm(group)
         self.world = self.comm.world_size
         self.params = [p for p in module.parameters() if p.requires_grad]
@@ -54,11 +54,13 @@ class ZeroDataParallel(nn.Module):
         self.grad_shard: dict[nn.Parameter, torch.Tensor] = {}
         self.param_shard: dict[nn.Parameter, torch.Tensor] = {}  # stage 3
         with torch.no_grad():
-            for p in self.params:
-                self.comm.broadcast(p.data, src=0)  # replicas start equal
+            for t in [*module.parameters(), *module.buffers()]:
+                self.comm.broadcast(t.data, src=0)  # replicas start equal, frozen too
+            for p in self.params:  # from the fp32 weights, before the cast rounds them
                 whole = p.detach().reshape(-1).float()
                 shard = whole.clone() if stage == 0 else self._shard(whole)
                 self.master[p] = shard.requires_grad_()
+        module.to(param_dtype)  # the same Parameter objects, now in param_dtype
         self.opt = torch.optim.Adam(list(self.master.values()), lr=lr, betas=betas,
                                     eps=eps)
         if stage >= 2:  # gradients leave as soon as they are accumulated
@@ -103,16 +105,17 @@ class ZeroDataParallel(nn.Module):
         for p in self.params:
             self.param_shard[p] = self._shard(p.detach().reshape(-1))
             p.untyped_storage().resize_(0)  # the full parameter is gone until needed
-        for u in units:
-            ps = [p for p in u.parameters() if p.requires_grad]
+        # Only trainable parameters are sharded; frozen ones stay whole.
+        self._units = [[p for p in u.parameters() if p.requires_grad] for u in units]
+        self._units.append(root)
+        for u, ps in zip(units, self._units):
             u.register_forward_pre_hook(lambda m, a, ps=ps: self._materialize(ps))
             u.register_forward_hook(lambda m, a, o, ps=ps: self._free(ps))
             u.register_full_backward_pre_hook(lambda m, g, ps=ps: self._materialize(ps))
         self.module.register_forward_pre_hook(lambda m, a: self._materialize(root))
-        self._unit_of: dict[int, list] = {}
-        for ps in [list(u.parameters()) for u in units] + [root]:
-            self._unit_of.update({id(p): ps for p in ps})
+        self._unit_of = {id(p): ps for ps in self._units for p in ps}
         self._pending: dict[int, int] = {}
+        self._end_queued = False
         for p in self.params:  # after the last gradient of a unit, free the unit
             p.register_post_accumulate_grad_hook(self._maybe_free_unit)
 
@@ -129,6 +132,9 @@ class ZeroDataParallel(nn.Module):
             p.untyped_storage().resize_(0)
 
     def _maybe_free_unit(self, p: nn.Parameter) -> None:
+        if not self._end_queued:  # a parameter without a gradient never reports:
+            self._end_queued = True  # free every unit when backward is over
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
         unit = self._unit_of[id(p)]
         key = id(unit)
         self._pending[key] = self._pending.get(key, len(unit)) - 1
@@ -136,16 +142,29 @@ class ZeroDataParallel(nn.Module):
             del self._pending[key]
             self._free(unit)
 
+    def _end_backward(self) -> None:
+        self._end_queued = False
+        self._pending.clear()
+        for ps in self._units:
+            self._free(ps)
+
     # ---------------------------------------------------------------- training
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     @torch.no_grad()
     def step(self) -> None:
-        """Average gradients, Adam on this rank's shard, bring parameters up to date."""
+        """Average gradients, Adam on this rank's shard, bring parameters up to date.
+
+        A parameter that received no gradient (unused in this step, on every rank)
+        is skipped, as torch's Adam skips a parameter whose ``grad`` is None.
+        """
         for p in self.params:
-            g = self.grad_shard.pop(p) if self.stage >= 2 else self._reduce(p)
-            self.master[p].grad = g.float().div_(self.world)
+            if self.stage >= 2:
+                g = self.grad_shard.pop(p, None)
+            else:
+                g = self._reduce(p) if p.grad is not None else None
+            self.master[p].grad = None if g is None else g.float().div_(self.world)
         self.opt.step()
         for p in self.params:
             new = self.master[p].detach().to(p.dtype)
@@ -155,8 +174,12 @@ class ZeroDataParallel(nn.Module):
                 p.data.copy_(self._gather(new, p))
             else:
                 self.param_shard[p] = new
+        if self.stage == 3:  # the next forward gathers the new values
+            self._free(self.params)
 
     def zero_grad(self) -> None:
+        """Forget every gradient, also the shards a backward without a step left."""
+        self.grad_shard.clear()
         for p in self.params:
             p.grad = None
             self.master[p].grad = None
@@ -181,95 +204,3 @@ class ZeroDataParallel(nn.Module):
             out[names[id(p)]] = (m[:p.numel()].view_as(p) if self.stage == 0
                                  else self._gather(m, p).clone())
         return out
-
-
-# ------------------------------------------------- the experiments the book runs
-
-
-def units_of(model: nn.Module, name: str) -> list[nn.Module]:
-    """The submodule ``name`` (each child if it is a ModuleList); none for ``""``."""
-    if not name:
-        return []
-    m = model.get_submodule(name)
-    return list(m) if isinstance(m, nn.ModuleList) else [m]
-
-
-def train_adam_single(model_fn, data, lr: float = 1e-2, seed: int = 0) -> dict:
-    """The reference: one process, the full batch, torch's Adam."""
-    torch.manual_seed(seed)
-    model = model_fn()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for x, y in zip(*data):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _local_batches(data, rank: int, world_size: int):
-    for x, y in zip(*data):
-        yield x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-
-
-def zero_worker(rank: int, world_size: int, model_fn, stage: int, data,
-                param_dtype: torch.dtype = torch.float32, units: str = "",
-                lr: float = 1e-2, seed: int = 0) -> dict:
-    """Train with ZeRO ``stage``; return weights, state bytes and payload per step."""
-    torch.manual_seed(seed + rank)  # rank 1 differs on purpose: the broadcast fixes it
-    model = model_fn()
-    z = ZeroDataParallel(model, stage, units=units_of(model, units),
-                         param_dtype=param_dtype, lr=lr)
-    z.comm.stats.reset()  # count the training steps only, not the initial broadcast
-    steps = 0
-    for x, y in _local_batches(data, rank, world_size):
-        _, loss = z(x, y)
-        loss.backward()
-        memory = z.state_bytes()  # after backward, before the step: the largest
-        z.step()
-        z.zero_grad()
-        steps += 1
-    payload = {k: v / steps for k, v in z.comm.stats.payload.items()}
-    n = sum(p.numel() for p in z.params)
-    return {"params": z.full_parameters(), "memory": memory, "numel": n,
-            "payload_per_step": payload}
-
-
-def fsdp_worker(rank: int, world_size: int, model_fn, data, units: str = "",
-                lr: float = 1e-2, seed: int = 0) -> dict:
-    """The same training with PyTorch's FSDP2 ``fully_shard`` (fp32)."""
-    from torch.distributed.fsdp import fully_shard
-
-    import warnings
-
-    # FSDP2 warns about modules that return views; our models never modify them.
-    warnings.filterwarnings("ignore", message=".*returned a view tensor")
-    torch.manual_seed(seed)  # fully_shard keeps each rank's own values: start equal
-    model = model_fn()
-    for u in units_of(model, units):
-        fully_shard(u)
-    fully_shard(model)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for x, y in _local_batches(data, rank, world_size):
-        _, loss = model(x, y)
-        loss.backward()
-        local = [p.to_local() for p in model.parameters()]
-        memory = {"params": sum(nbytes(t) for t in local),
-                  "grads": sum(nbytes(p.grad.to_local()) for p in model.parameters()),
-                  "optimizer": sum(nbytes(t.to_local()) for s in opt.state.values()
-                                   for t in s.values() if t.dim() > 0)}
-        opt.step()
-        opt.zero_grad()
-    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    return {"params": full, "memory": memory}
-
-
-def zero_sweep(rank: int, world_size: int, model_fn, data, units: str = "",
-               lr: float = 1e-2) -> dict:
-    """Every stage in fp32 (for parity), every stage in bf16 (for memory), and FSDP2."""
-    out = {s: zero_worker(rank, world_size, model_fn, s, data, units=units, lr=lr)
-           for s in (0, 1, 2, 3)}
-    out["bf16"] = {s: zero_worker(rank, world_size, model_fn, s, data, torch.bfloat16,
-                                  units, lr)["memory"] for s in (0, 1, 2, 3)}
-    out["fsdp"] = fsdp_worker(rank, world_size, model_fn, data, units, lr)
-    return out

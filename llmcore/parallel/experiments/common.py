@@ -1,0 +1,101 @@
+"""What every parallel experiment shares: the demo GPT, its data, one-process
+references and a way to compare weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from llmcore.config import Tiered, check_positive
+from llmcore.data import load_corpus
+from llmcore.data.lm import get_batch
+from llmcore.models.gpt import GPTConfig
+from llmcore.tokenizer.char import CharTokenizer
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """The GPT and the run that the parallel chapters train on gloo processes."""
+
+    n_layer: int  # blocks (a multiple of the pipeline stages)
+    n_head: int  # heads (a multiple of the tensor-parallel ranks)
+    n_embd: int  # model width C
+    block_size: int  # context T
+    batch: int  # global batch, split across data-parallel ranks
+    steps: int  # training steps per run
+    lr: float  # SGD learning rate
+
+    def __post_init__(self):
+        check_positive(self, "n_layer", "n_head", "n_embd", "block_size", "batch",
+                       "steps", "lr")
+
+    def gpt_config(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size=vocab_size, block_size=self.block_size,
+                         n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+
+
+# The hand-written schemes run on CPU processes on both tiers (gloo); the gpu tier
+# only trains a larger model for longer.
+DEMO = Tiered(cpu=DemoConfig(2, 4, 32, 32, 8, 20, 0.5),
+              gpu=DemoConfig(4, 4, 128, 64, 32, 200, 0.5))
+
+
+def shakespeare_batches(demo: DemoConfig, seed: int = 0, chars: int = 200_000):
+    """(GPTConfig, (X, Y)): character batches (steps, batch, T) of Shakespeare."""
+    text = load_corpus("shakespeare")
+    tok = CharTokenizer.train(text)  # the whole corpus: every character has an id
+    ids = torch.tensor(tok.encode(text[:chars]))
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = zip(*(get_batch(ids, demo.batch, demo.block_size, generator=g)
+                   for _ in range(demo.steps)))
+    return demo.gpt_config(tok.vocab_size), (torch.stack(xs), torch.stack(ys))
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    """Largest difference between two state dicts with the same keys."""
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def local_batches(data, rank: int, world_size: int):
+    """This rank's slice of every batch of ``data`` = (X, Y)."""
+    for x, y in zip(*data):
+        yield x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+
+
+def train_single(model_fn, data, lr: float = 0.1, seed: int = 0) -> dict:
+    """The reference: one process, the full batch, plain SGD."""
+    torch.manual_seed(seed)
+    model = model_fn()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    losses = []
+    for x, y in zip(*data):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "losses": losses}
+
+
+def train_adam_single(model_fn, data, lr: float = 1e-2, seed: int = 0) -> dict:
+    """The reference: one process, the full batch, torch's Adam; the weights."""
+    torch.manual_seed(seed)
+    model = model_fn()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for x, y in zip(*data):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def units_of(model: nn.Module, name: str) -> list[nn.Module]:
+    """The submodule ``name`` (each child if it is a ModuleList); none for ``""``."""
+    if not name:
+        return []
+    m = model.get_submodule(name)
+    return list(m) if isinstance(m, nn.ModuleList) else [m]
