@@ -1,12 +1,15 @@
 """Checkpoints: exact resume, atomic writes, weights_only loading, clear errors."""
 
+import errno
 import random
+import stat
 
 import numpy as np
 import pytest
 import torch
 
 from llmcore.data.lm import get_batch
+from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.train import (CheckpointError, TrainConfig, load_checkpoint,
                            read_checkpoint, save_checkpoint, train)
@@ -123,3 +126,68 @@ def test_wrong_model_and_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="optimizer"):
         sgd = torch.optim.SGD(fresh().parameters(), 1.0)
         load_checkpoint(path, fresh(), optimizer=sgd)
+
+
+def test_checkpoint_has_the_mode_of_an_ordinary_file(tmp_path):
+    plain = tmp_path / "plain"
+    plain.write_text("x")  # what open() gives under this umask (e.g. 0644)
+    path = save_checkpoint(tmp_path / "c.pt", fresh())
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    with atomic_write(tmp_path / "t.json", "w") as f:
+        f.write("{}")
+    assert stat.S_IMODE((tmp_path / "t.json").stat().st_mode) == stat.S_IMODE(
+        plain.stat().st_mode)
+
+
+def test_a_flipped_bit_is_detected(tmp_path):
+    m = fresh()
+    path = save_checkpoint(tmp_path / "c.pt", m, step=1)
+    data = bytearray(path.read_bytes())
+    weight = m.state_dict()["lm_head.weight"].numpy().tobytes()
+    at = data.find(weight[:64])
+    assert at > 0
+    data[at + 10] ^= 0x04  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(path, fresh())
+
+
+def test_a_truncated_checkpoint_says_so(tmp_path):
+    path = save_checkpoint(tmp_path / "c.pt", fresh(), step=1)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"c\.pt is truncated \("):
+        read_checkpoint(path)
+
+
+def test_disk_full_names_the_cause_and_keeps_the_old_file(tmp_path, monkeypatch):
+    m = fresh()
+    path = save_checkpoint(tmp_path / "c.pt", m, step=1)
+
+    def full(*args, **kwargs):  # what torch.save raises when a write fails
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match="no space left on device"):
+        save_checkpoint(path, m, step=2)
+    monkeypatch.undo()
+    assert read_checkpoint(path)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_temporary_files_of_a_crashed_save_are_cleaned(tmp_path):
+    stale = tmp_path / "c.pt.abc123.tmp"  # what SIGKILL during a save leaves behind
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint(tmp_path / "c.pt", fresh())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    m = fresh()
+    path = save_checkpoint(tmp_path / "c.pt", m, step=1)
+    with torch.no_grad():
+        next(m.parameters())[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        save_checkpoint(path, m, step=2)
+    assert read_checkpoint(path)["step"] == 1

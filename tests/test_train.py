@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from llmcore.config import IGNORE_INDEX, override
 from llmcore.data.lm import get_batch
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.train import TrainConfig, make_optimizer, train, warmup_cosine
@@ -170,3 +171,131 @@ def test_command_line(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["history"]["step"] == list(range(6))
     assert "val loss" in capsys.readouterr().out
+
+
+def test_default_loss_is_the_loops_own_name():
+    from llmcore.train import loop
+    assert not hasattr(loop, "lm_loss")  # the one lm_loss(logits, targets) is nn.loss
+    x, y = batch_fn(0, torch.Generator().manual_seed(0))
+    m = make_model()
+    assert loop.default_loss(m, (x, y)) == m(x, y)[1]
+
+
+@pytest.mark.parametrize("kw", [dict(max_steps=2.5), dict(max_steps=float("nan")),
+                                dict(lr=float("nan")), dict(lr=float("inf")),
+                                dict(warmup_steps=float("nan")),
+                                dict(grad_clip=float("nan")), dict(grad_accum=True),
+                                dict(betas=(0.9, float("nan"))),
+                                dict(log_interval=0)])
+def test_config_refuses_float_and_nan_sizes(kw):
+    with pytest.raises(ValueError, match="TrainConfig"):
+        TrainConfig(**kw)
+
+
+class NaNGradAt:
+    """A loss_fn whose loss stays finite while its gradient is NaN at one step."""
+
+    def __init__(self, step):
+        self.step, self.calls = step, 0
+
+    def __call__(self, model, batch):
+        _, loss = model(*batch)
+        self.calls += 1
+        if self.calls == self.step + 1:  # d sqrt(0 * w)/dw = 0 * inf = NaN
+            loss = loss + torch.sqrt(0.0 * next(model.parameters()).sum())
+        return loss
+
+
+def test_nan_gradient_stops_before_the_update_and_is_never_saved(tmp_path):
+    m, path = make_model(), tmp_path / "c.pt"
+    with pytest.raises(FloatingPointError, match="at step 3"):
+        train(m, batch_fn, quiet(max_steps=10, ckpt_interval=5, log_interval=4),
+              loss_fn=NaNGradAt(3), ckpt_path=path)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert not path.exists()  # the checkpoint at step 5 came after the bad step
+
+
+def test_nan_step_is_reported_at_the_next_log_point_not_later():
+    m = make_model()
+    fn = NaNAt(2)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        train(m, batch_fn, quiet(max_steps=50, log_interval=5), loss_fn=fn)
+    assert fn.calls == 5  # steps 0-4 ran, step 5 never started
+
+
+def masked_batch(n_rows=8, seed=0):
+    """Targets with -100 masks of very unequal counts per row."""
+    x, y = get_batch(DATA, n_rows, 8, torch.Generator().manual_seed(seed))
+    y = y.clone()
+    for row in range(n_rows):
+        keep = 1 if row < n_rows // 2 else 8  # the first half: one target per row
+        y[row, keep:] = IGNORE_INDEX
+    return x, y
+
+
+def test_grad_accumulation_weights_by_valid_tokens():
+    x, y = masked_batch()
+
+    def halves(step, generator):
+        i = halves.calls % 2
+        halves.calls += 1
+        return x[4 * i:4 * i + 4], y[4 * i:4 * i + 4]
+    halves.calls = 0
+    a, b = make_model(), make_model()
+    ha = train(a, halves, quiet(max_steps=3, grad_accum=2, warmup_steps=0))
+    hb = train(b, lambda s, g: (x, y), quiet(max_steps=3, warmup_steps=0))
+    assert ha.loss == pytest.approx(hb.loss, abs=1e-5)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, atol=1e-5, rtol=1e-4)
+
+
+def test_more_steps_on_resume_keeps_the_lr_continuous(tmp_path):
+    path = tmp_path / "c.pt"
+    train(make_model(), batch_fn, quiet(max_steps=20, warmup_steps=2), ckpt_path=path)
+    h = train(make_model(), batch_fn, quiet(max_steps=40, warmup_steps=2),
+              ckpt_path=path, resume=True)
+    lr = h.lr
+    assert len(lr) == 40 and lr[20] == pytest.approx(lr[19], rel=0.1)
+    assert all(a >= b for a, b in zip(lr[2:], lr[3:]))  # never rises after warm-up
+    assert lr[-1] == pytest.approx(1e-3 * 0.1, rel=0.05)  # ends at the floor
+    h2 = train(make_model(), batch_fn, quiet(max_steps=60, warmup_steps=2),
+               ckpt_path=path, resume=True)  # a second extension from the first
+    assert h2.lr[:40] == lr and h2.lr[40] <= lr[39]
+
+
+def test_resume_refuses_a_changed_step(tmp_path):
+    path = tmp_path / "c.pt"
+    train(make_model(), batch_fn, quiet(max_steps=4), ckpt_path=path)
+    with pytest.raises(ValueError, match=r"(?s)grad_accum: 1 in the checkpoint, 2 "
+                                         r"requested.*lr: 0.001 in the checkpoint, "
+                                         r"1e-06 requested"):
+        train(make_model(), batch_fn, quiet(max_steps=8, lr=1e-6, grad_accum=2),
+              ckpt_path=path, resume=True)
+
+
+@pytest.mark.slow  # torch.compile takes ~20-40 s on two cores
+def test_compiled_training_matches_eager():
+    cfg = quiet(max_steps=4, warmup_steps=0, lr=1e-2)
+    eager = train(make_model(), batch_fn, cfg)
+    compiled = train(make_model(), batch_fn, override(cfg, compile=True))
+    assert compiled.loss == pytest.approx(eager.loss, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_host_sync_between_log_points():
+    # batch_fn(step) runs while step - 1 is on the device: switching the sync debug
+    # mode there covers the end of step 1, all of step 2 and the start of step 3.
+    def cuda_batch(step, generator):
+        if step == 2:
+            torch.cuda.set_sync_debug_mode("error")
+        elif step == 4:
+            torch.cuda.set_sync_debug_mode("default")
+        return get_batch(DATA, 4, 8, generator)
+    m = make_model().cuda()
+    try:
+        for precision in ("fp32", "bf16"):
+            h = train(m, cuda_batch, quiet(max_steps=8, log_interval=4,
+                                           precision=precision))
+            assert len(h.loss) == 8
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -3,24 +3,51 @@
     python -m llmcore.train --preset shakespeare-char                # the tier's size
     python -m llmcore.train --preset shakespeare-char --tier cpu --steps 500 \\
         --precision bf16 --out runs/char
+    python -m llmcore.train --preset shakespeare-char --tier cpu --steps 800 \\
+        --precision bf16 --out runs/char --resume                    # 300 more steps
     torchrun --standalone --nproc_per_node 2 -m llmcore.train \\
         --preset shakespeare-char --parallel fsdp --steps 200 --out runs/fsdp
 
 writes ``OUT/ckpt.pt`` (every ``ckpt_interval`` steps and at the end; ``--resume``
 continues from it), ``OUT/tokenizer.json`` and ``OUT/metrics.json`` (the history, the
-preset, a sample of generated text, the hardware and the torch version). The presets
-and the run itself are in :mod:`llmcore.train.run`.
+preset, a sample of generated text, the hardware and the torch version). A folder that
+holds a run needs ``--resume`` or ``--overwrite``; a lock file keeps a second run out
+of it. The presets and the run itself are in :mod:`llmcore.train.run`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from pathlib import Path
 
 from llmcore.config import override
 from llmcore.runtime import setup
+from llmcore.train.checkpoint import read_checkpoint
 from llmcore.train.loop import PRECISIONS
 from llmcore.train.run import PARALLEL, PRESETS, run
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got "
+                                         f"{text}")
+    return value
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -30,11 +57,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--tier", choices=["cpu", "gpu"], default=None,
                    help="preset size (default: from the device)")
     p.add_argument("--precision", choices=PRECISIONS, default=None)
-    p.add_argument("--steps", type=int, default=None, help="override max_steps")
-    p.add_argument("--lr", type=float, default=None, help="override the peak lr")
-    p.add_argument("--compile", action="store_true", help="use torch.compile")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="override max_steps")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="override the peak lr")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: the preset's choice)")
     p.add_argument("--out", default="runs/out", help="folder for checkpoint + metrics")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT from OUT/ckpt.pt")
+    again.add_argument("--overwrite", action="store_true",
+                       help="replace the run already in OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--parallel", choices=PARALLEL, default="none",
@@ -47,14 +81,19 @@ def main(argv: list[str] | None = None) -> int:
     rt = setup(seed=args.seed, tier=args.tier)
     preset = rt.pick(PRESETS[args.preset])
     changes = {"max_steps": args.steps, "lr": args.lr, "precision": args.precision,
-               "compile": args.compile or None,
+               "compile": args.compile,
                "progress": False if args.no_progress else None}
     changes = {k: v for k, v in changes.items() if v is not None}
     if "max_steps" in changes:  # keep the warm-up inside a shortened run
         changes["warmup_steps"] = min(preset.train.warmup_steps, args.steps // 10)
+        ckpt = Path(args.out) / "ckpt.pt"
+        if args.resume and ckpt.is_file():  # a resumed run keeps its own warm-up
+            saved = read_checkpoint(ckpt)["extra"].get("config", {})
+            changes["warmup_steps"] = saved.get("warmup_steps",
+                                                changes["warmup_steps"])
     preset = override(preset, train=override(preset.train, **changes))
     model, history, _ = run(preset, rt, args.out, resume=args.resume,
-                            parallel=args.parallel)
+                            parallel=args.parallel, overwrite=args.overwrite)
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
     last = history.eval_loss[-1] if history.eval_loss else float("nan")

@@ -39,6 +39,15 @@ def fused_available(device: torch.device | str) -> bool:
     return torch.device(device).type in ("cuda", "cpu", "mps", "xpu")
 
 
+def any_dtensor(model: nn.Module) -> bool:
+    """Whether some parameter is a DTensor (FSDP2, tensor parallelism)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def mixes_dtensors(model: nn.Module) -> bool:
     """Whether some but not all parameters are DTensors (tensor parallelism)."""
     try:
@@ -86,9 +95,29 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int,
     return min_ratio + 0.5 * (1.0 - min_ratio) * (1.0 + math.cos(math.pi * progress))
 
 
+def resumed_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float,
+                   restart: tuple[int, float] | None = None) -> float:
+    """:func:`warmup_cosine`, or, from ``restart = (step r, multiplier m)`` on, a cosine
+    from ``m`` at step ``r`` down to ``min_ratio`` at ``max_steps``.
+
+    A resumed run that asks for a different ``max_steps`` continues this way: its lr
+    goes on from the value it had reached instead of jumping to where a schedule of the
+    new length would have been at that step.
+    """
+    if restart is None or step < restart[0]:
+        return warmup_cosine(step, warmup_steps, max_steps, min_ratio)
+    start, ratio = restart
+    if step >= max_steps:
+        return min_ratio
+    progress = (step - start) / max(1, max_steps - start)
+    return min_ratio + 0.5 * (ratio - min_ratio) * (1.0 + math.cos(math.pi * progress))
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int,
-                   min_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` that follows :func:`warmup_cosine`; step it once per update.
+                   min_ratio: float = 0.1, restart: tuple[int, float] | None = None
+                   ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A ``LambdaLR`` that follows :func:`warmup_cosine` (:func:`resumed_cosine` with
+    a ``restart``); step it once per update.
 
     The multiplier is a ``functools.partial`` rather than a lambda so that the
     scheduler's ``state_dict`` holds only plain numbers (checkpoints load with
@@ -99,6 +128,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, max_step
                          f"{warmup_steps} and {max_steps}")
     if not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"min_ratio must be in [0, 1], got {min_ratio}")
-    fn = functools.partial(warmup_cosine, warmup_steps=warmup_steps,
-                           max_steps=max_steps, min_ratio=min_ratio)
+    fn = functools.partial(resumed_cosine, warmup_steps=warmup_steps,
+                           max_steps=max_steps, min_ratio=min_ratio,
+                           restart=None if restart is None else tuple(restart))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)

@@ -9,6 +9,7 @@ line is ``python -m llmcore.train`` (``llmcore/train/__main__.py``).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 from dataclasses import asdict, dataclass, field
@@ -16,15 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from llmcore.config import Tiered
 from llmcore.data import get_batch, load_corpus, split_tokens
 from llmcore.generate import generate
+from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import CharTokenizer
-from llmcore.train.checkpoint import save_checkpoint
+from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
+from llmcore.train.outdir import claim_out
+from llmcore.train.resume import MAY_CHANGE, check_resume
 
 PARALLEL = ("none", "ddp", "fsdp", "tp")
 
@@ -46,7 +51,9 @@ class RunPreset:
 
 PRESETS: dict[str, Tiered[RunPreset]] = {
     # CPU: the book's target, validation loss <= 1.9 within 2,000 steps (nanoGPT's CPU
-    # recipe, a higher learning rate). GPU: nanoGPT's shakespeare-char model.
+    # recipe, a higher learning rate). GPU: nanoGPT's shakespeare-char model, compiled
+    # (on a GPU torch.compile fuses the element-wise kernels; on a CPU it costs ~25 s of
+    # compilation and gains nothing at this size).
     "shakespeare-char": Tiered(
         cpu=RunPreset("shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=64,
                       batch_size=12, train=TrainConfig(
@@ -56,7 +63,7 @@ PRESETS: dict[str, Tiered[RunPreset]] = {
                       batch_size=64, dropout=0.2, train=TrainConfig(
                           max_steps=5000, lr=1e-3, warmup_steps=100, betas=(0.9, 0.99),
                           eval_interval=250, eval_steps=200, precision="bf16",
-                          ckpt_interval=1000)),
+                          ckpt_interval=1000, compile=True)),
     ),
 }
 
@@ -112,41 +119,76 @@ def batch_fns(data: RunData, preset: RunPreset):
 
 
 def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
-        resume: bool = False, parallel: str = "none") -> tuple[GPT, History, RunData]:
+        resume: bool = False, parallel: str = "none",
+        overwrite: bool = False) -> tuple[GPT, History, RunData]:
     """Train ``preset``; with ``out``, write checkpoint, tokenizer and metrics there.
 
+    ``out`` is checked and locked before training (see :mod:`llmcore.train.outdir`):
+    a folder holding a run needs ``resume`` or ``overwrite``. On ``resume`` the
+    request is compared with the saved run (:mod:`llmcore.train.resume`): a change of
+    what a step computes is refused, a new ``max_steps`` is applied and reported.
     With ``parallel`` (ddp, fsdp or tp, under torchrun) every rank builds the same
     model from the same seed; data-parallel ranks (ddp, fsdp) draw different batches,
     tensor-parallel ranks the same ones. The loop's periodic checkpoints would hold one
-    rank's shard, so a parallel run writes one whole-model checkpoint at the end
-    (``resume`` is for single-process runs) and only rank 0 writes files.
+    rank's shard, so a parallel run writes one whole-model checkpoint at the end that
+    cannot be resumed, and only rank 0 writes files.
     """
+    if parallel != "none" and resume:
+        raise ValueError("--resume works for single-process runs only; a --parallel "
+                         "run starts from scratch (use --overwrite to replace --out)")
     data = build_data(preset)
     model, info = prepare_model(build_model(preset, data.tokenizer.vocab_size), rt,
                                 parallel)
-    train_fn, val_fn = batch_fns(data, preset)
-    rank_seed = rt.seed + (info.rank if info and parallel != "tp" else 0)
-    generator = torch.Generator().manual_seed(rank_seed)
-    ckpt = Path(out) / "ckpt.pt" if out is not None and info is None else None
-    if info is not None and resume:
-        raise ValueError("resume=True works for single-process runs only; a parallel "
-                         "run starts from scratch and saves its whole model at the end")
-    history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
-                    generator=generator, ckpt_path=ckpt, resume=resume)
-    if info is not None:
-        model = gather_model(model, preset, data.tokenizer.vocab_size, info)
-    if out is not None and model is not None:
+    writes = out is not None and (info is None or info.is_main)
+    claim = (claim_out(out, resume=resume, overwrite=overwrite) if writes
+             else contextlib.nullcontext())
+    with claim:
+        meta = {"preset": asdict(preset), "seed": rt.seed, "parallel": parallel,
+                "resumes": []}
+        ckpt = Path(out) / "ckpt.pt" if out is not None and info is None else None
+        if resume and ckpt is not None:
+            meta["resumes"] = check_saved_run(ckpt, meta)
+        train_fn, val_fn = batch_fns(data, preset)
+        rank_seed = rt.seed + (info.rank if info and parallel != "tp" else 0)
+        generator = torch.Generator().manual_seed(rank_seed)
+        dp_group = dist.group.WORLD if parallel in ("ddp", "fsdp") else None
+        history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
+                        generator=generator, ckpt_path=ckpt, resume=resume,
+                        dp_group=dp_group, meta=meta)
         if info is not None:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            save_checkpoint(Path(out) / "ckpt.pt", model, step=len(history.loss))
-        write_outputs(Path(out), preset, rt, model, history, data)
+            model = gather_model(model, preset, data.tokenizer.vocab_size, info)
+        if writes and model is not None:
+            if info is not None:
+                save_checkpoint(Path(out) / "ckpt.pt", model, step=len(history.loss),
+                                extra={"meta": meta, "config": asdict(preset.train)})
+            write_outputs(Path(out), preset, rt, model, history, data, meta)
     return model, history, data
+
+
+def check_saved_run(ckpt: Path, meta: dict) -> list[dict]:
+    """Compare the run in ``ckpt`` with the requested ``meta``; return the list of
+    resumes, this one added, or raise listing what may not change."""
+    payload = read_checkpoint(ckpt)
+    saved = payload["extra"].get("meta", {})
+    if saved.get("parallel", "none") != "none" or payload["optimizer"] is None:
+        raise ValueError(
+            f"{ckpt} was written by a --parallel {saved.get('parallel', '?')} run: it "
+            "holds the final weights only, no optimizer state, so it cannot be "
+            "resumed. Start a new run with --overwrite (or another --out).")
+    requested = {k: meta[k] for k in ("preset", "seed", "parallel")}
+    changes = check_resume(
+        {k: saved.get(k) for k in requested}, requested, MAY_CHANGE, source=str(ckpt),
+        hint="Resume with the flags the run was started with (--tier, --precision, "
+             "--lr, --seed), or start a new run with --overwrite or another --out.")
+    here = {"at_step": payload["step"], "changes": changes}
+    print(f"resuming {ckpt} at step {payload['step']}"
+          + (f"; changed: {'; '.join(changes)}" if changes else ""))
+    return list(saved.get("resumes", [])) + [here]
 
 
 def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, info):
     """A plain single-device GPT with the parallel model's full weights, on rank 0
     (None elsewhere); ends the process group. Every rank must call it."""
-    import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                          get_model_state_dict)
 
@@ -163,7 +205,7 @@ def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, inf
 
 
 def write_outputs(out: Path, preset: RunPreset, rt: Runtime, model: GPT,
-                  history: History, data: RunData) -> None:
+                  history: History, data: RunData, meta: dict | None = None) -> None:
     data.tokenizer.save(out / "tokenizer.json")
     prompt = torch.tensor([data.tokenizer.encode("\n")], device=rt.device)
     sample = generate(model, prompt, 200, temperature=0.8, top_k=50,
@@ -174,8 +216,11 @@ def write_outputs(out: Path, preset: RunPreset, rt: Runtime, model: GPT,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
         "history": history.to_dict(),
+        "seed": rt.seed, "parallel": (meta or {}).get("parallel", "none"),
+        "resumes": (meta or {}).get("resumes", []),
         "sample": data.tokenizer.decode(sample[0].tolist()),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    with atomic_write(out / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump(metrics, f, indent=1)
 
 
