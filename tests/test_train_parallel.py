@@ -52,3 +52,51 @@ def test_parallel_without_torchrun_is_a_clear_error(capsys):
                                          "`torchrun"):
         main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "1",
               "--parallel", "ddp", "--no-progress", "--out", "/nonexistent/x"])
+
+
+def masked_batch():
+    """Eight rows whose first half keeps one target per row, the second half all 8."""
+    from llmcore.config import IGNORE_INDEX
+    from llmcore.data.lm import get_batch
+
+    data = torch.arange(4000) % 16
+    x, y = get_batch(data, 8, 8, torch.Generator().manual_seed(0))
+    y = y.clone()
+    y[:4, 1:] = IGNORE_INDEX
+    return x, y
+
+
+def tiny_gpt():
+    from llmcore.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16))
+
+
+def ddp_half_batches(rank, world_size):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from llmcore.train import TrainConfig, train
+    x, y = masked_batch()
+    half = (x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])
+    model = DistributedDataParallel(tiny_gpt())
+    train(model, lambda s, g: half, TrainConfig(max_steps=3, warmup_steps=0,
+                                                progress=False),
+          dp_group=dist.group.WORLD)
+    return {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+
+
+@pytest.mark.distributed
+def test_data_parallel_ranks_weigh_gradients_by_global_valid_tokens():
+    from llmcore.parallel.launch import launch
+    from llmcore.train import TrainConfig, train
+
+    states = launch(ddp_half_batches, 2, backend="gloo", threads=1)
+    whole = tiny_gpt()
+    batch = masked_batch()
+    train(whole, lambda s, g: batch, TrainConfig(max_steps=3, warmup_steps=0,
+                                                 progress=False))
+    for name, ref in whole.state_dict().items():
+        torch.testing.assert_close(states[0][name], ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(states[1][name], ref, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,257 @@
+"""Training speed: tokens/s, step time, peak memory and MFU, and the ladder of
+optimisations that gets there.
+
+``python -m llmcore.bench speed`` measures, on the current device, the training step of
+the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), one rung
+of the ladder at a time, each rung adding one thing to the one before: fp32 -> TF32
+matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` ->
+FP8 linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded
+as skipped, with the reason. The peak is measured first, a large matmul on the same
+device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results go to
+``results/speed-<tier>.json`` with the hardware, the date and the torch version.
+
+``--compare-nanogpt PATH`` runs nanoGPT's ``train.py`` (a checkout at PATH, its
+shakespeare_char data prepared) and llmcore side by side on the same CPU model, in
+interleaved rounds, each in a fresh process timing its own steps, and records the ratio
+of the median step times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmcore.bench.mfu import gpt_flops_per_token, measure_peak_flops, mfu
+from llmcore.config import Tiered
+from llmcore.data import get_batch, load_corpus
+from llmcore.io import atomic_write
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.precision.fp8 import convert_to_float8, size_filter
+from llmcore.runtime import device_caps, device_name, setup
+from llmcore.train import TrainConfig, train
+from llmcore.train.run import PRESETS as RUNS
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of the ladder: what the run uses at this rung."""
+
+    name: str
+    precision: str  # TrainConfig.precision
+    sdpa: bool  # PyTorch's fused attention kernel instead of the hand-written one
+    compile: bool = False
+    fp8: bool = False  # the large linears in FP8 (llmcore.precision.fp8)
+
+
+LADDER = (Rung("fp32", "fp32", sdpa=False), Rung("tf32", "tf32", sdpa=False),
+          Rung("bf16", "bf16", sdpa=False), Rung("fused kernels", "bf16", sdpa=True),
+          Rung("compile", "bf16", sdpa=True, compile=True),
+          Rung("fp8", "bf16", sdpa=True, compile=True, fp8=True))
+
+
+@dataclass(frozen=True)
+class SpeedPreset:
+    model: GPTConfig
+    batch_size: int
+    steps: int  # timed steps per rung
+    warmup: int  # untimed steps first (the compiled rung compiles in them)
+
+
+PRESETS = Tiered(
+    # The CPU-tier char model of chapter 8; GPT-2 small (124M) at 12 x 1024 tokens.
+    cpu=SpeedPreset(GPTConfig(65, 64, 4, 4, 128), batch_size=12, steps=20, warmup=5),
+    gpu=SpeedPreset(GPTConfig(50304, 1024, 12, 12, 768), batch_size=12, steps=30,
+                    warmup=10),
+)
+# A 1.3B GPT (24 layers, width 2048): where FP8 matmuls are large enough to pay.
+BIG = SpeedPreset(GPTConfig(50304, 1024, 24, 16, 2048), batch_size=8, steps=20,
+                  warmup=10)
+
+
+def skip_reason(rung: Rung, device: torch.device) -> str | None:
+    """Why ``rung`` cannot run on ``device``, or None."""
+    caps = device_caps(device)
+    if rung.precision == "tf32" and not caps.bf16_tensor_cores:
+        return "TF32 matmuls need an NVIDIA GPU of sm80 or later"
+    if rung.fp8 and not caps.fp8_tensor_cores:
+        return "FP8 matmuls need an NVIDIA GPU of sm89 or later (elsewhere: emulated)"
+    return None
+
+
+def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
+            peak: float) -> dict:
+    """Train ``preset`` at ``rung`` on random tokens; tokens/s, step time, memory, MFU.
+
+    The loop reads the device every ``warmup`` steps, so on a GPU each timed window of
+    ``warmup`` steps is measured as a whole; the median over the windows is reported.
+    """
+    torch.manual_seed(0)
+    model = GPT(replace(preset.model, use_sdpa=rung.sdpa)).to(device)
+    if rung.fp8:
+        convert_to_float8(model, size_filter(), quiet=True)
+    c, b = model.config, preset.batch_size
+
+    def batch_fn(step, generator):
+        x = torch.randint(c.vocab_size, (b, c.block_size + 1), generator=generator)
+        return x[:, :-1], x[:, 1:]
+
+    cfg = TrainConfig(max_steps=preset.warmup + preset.steps, warmup_steps=0,
+                      precision=rung.precision, compile=rung.compile,
+                      log_interval=preset.warmup, progress=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history = train(model, batch_fn, cfg)
+    tps = statistics.median(history.tokens_per_s[preset.warmup:])
+    fpt = gpt_flops_per_token(model)
+    return {"rung": rung.name, **asdict(rung), "tokens_per_s": tps,
+            "step_ms": 1e3 * b * c.block_size / tps,
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
+                                  if device.type == "cuda" else None),
+            "mfu": mfu(tps, fpt, peak), "params": model.num_params()}
+
+
+def ladder(preset: SpeedPreset, device: torch.device, peak: float) -> list[dict]:
+    rows = []
+    for rung in LADDER:
+        reason = skip_reason(rung, device)
+        if reason is None:
+            rows.append(measure(preset, rung, device, peak))
+            print(f"  {rung.name:14s} {rows[-1]['tokens_per_s']:>12,.0f} tokens/s  "
+                  f"{rows[-1]['step_ms']:8.1f} ms/step  MFU {rows[-1]['mfu']:.1%}")
+        else:
+            rows.append({"rung": rung.name, **asdict(rung), "skipped": reason})
+            print(f"  {rung.name:14s} skipped: {reason}")
+    return rows
+
+
+# --- side by side with nanoGPT (CPU, the configuration of issue 12) ---------------
+
+CHAR = GPTConfig(65, 64, 4, 4, 128)  # 4 layers, 4 heads, width 128, context 64
+NANO_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+             "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64",
+             "--batch_size=12", "--dropout=0.0", "--eval_interval=100000",
+             "--eval_iters=1", "--log_interval=1", "--always_save_checkpoint=False"]
+SETTLE = 5  # first steps of each process left out (allocation, warm caches)
+
+
+def char_ids() -> torch.Tensor:
+    """tiny-shakespeare as character ids (sorted characters, as CharTokenizer)."""
+    raw = np.frombuffer(load_corpus("shakespeare").encode("utf-8"), dtype=np.uint8)
+    lut = np.zeros(256, dtype=np.int64)
+    chars = np.unique(raw)
+    lut[chars] = np.arange(len(chars))
+    return torch.from_numpy(lut[raw])
+
+
+def llmcore_step_ms(steps: int) -> list[float]:
+    """Per-step wall times (ms) of the book's loop on the char model: the time between
+    successive calls for a batch, so everything a step does is inside."""
+    ids = char_ids()
+    stamps = []
+
+    def batch_fn(step, generator):
+        stamps.append(time.perf_counter())
+        return get_batch(ids, 12, CHAR.block_size, generator)
+
+    torch.manual_seed(1337)
+    tc = RUNS["shakespeare-char"].cpu.train
+    cfg = replace(tc, max_steps=steps + SETTLE + 1, eval_interval=0, ckpt_interval=0,
+                  progress=False)
+    train(GPT(CHAR), batch_fn, cfg)
+    return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])][SETTLE:]
+
+
+def nanogpt_step_ms(path: Path, steps: int, env: dict) -> list[float]:
+    """nanoGPT's own per-iteration times (ms), from its log, first steps left out."""
+    cmd = [sys.executable, "train.py", *NANO_ARGS, f"--max_iters={steps + SETTLE}"]
+    out = subprocess.run(cmd, cwd=path, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"nanoGPT failed in {path} (prepare its data with `python "
+                           f"data/shakespeare_char/prepare.py`):\n{out.stderr[-2000:]}")
+    times = re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", out.stdout)
+    return [float(t) for t in times][SETTLE + 1:]  # iteration 0 also evaluates
+
+
+def compare_nanogpt(path: Path, rounds: int, steps: int, threads: int) -> dict:
+    """Interleaved rounds: nanoGPT, then llmcore, each in a fresh process."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    ratios, nano, ours = [], [], []
+    for r in range(rounds):
+        n = statistics.median(nanogpt_step_ms(path, steps, env))
+        cmd = [sys.executable, "-m", "llmcore.bench", "speed", "--worker", str(steps)]
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        o = statistics.median(json.loads(out.stdout.splitlines()[-1]))
+        nano.append(n)
+        ours.append(o)
+        ratios.append(n / o)
+        print(f"  round {r + 1}: nanoGPT {n:.1f} ms, llmcore {o:.1f} ms per step; "
+              f"llmcore/nanoGPT tokens/s {n / o:.2f}")
+    return {"model": asdict(CHAR), "batch_size": 12, "threads": threads,
+            "rounds": rounds, "steps_per_round": steps, "nanogpt_ms": nano,
+            "llmcore_ms": ours, "ratios": ratios,
+            "ratio_median": statistics.median(ratios),
+            "ratio_range": [min(ratios), max(ratios)],
+            "method": "tokens/s ratio = nanoGPT median step time / llmcore median "
+                      "step time; each process times its own steps; rounds alternate"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llmcore.bench speed",
+                                description="Training speed and the ladder.")
+    p.add_argument("--out", default="results", help="folder for the JSON result")
+    p.add_argument("--no-ladder", action="store_true", help="skip the ladder")
+    p.add_argument("--compare-nanogpt", metavar="PATH", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=9, help="nanoGPT comparison rounds")
+    p.add_argument("--steps", type=int, default=60, help="steps per round")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:  # one llmcore round of the comparison
+        torch.set_num_threads(args.threads)
+        print(json.dumps(llmcore_step_ms(args.worker)))
+        return 0
+    rt = setup(seed=0)
+    path = Path(args.out) / f"speed-{rt.tier}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({
+        "benchmark": "speed", "tier": rt.tier, "device": device_name(rt.device),
+        "hardware": rt.caps.describe(), "machine": platform.machine(),
+        "torch": torch.__version__, "date": datetime.datetime.now(
+            datetime.timezone.utc).isoformat(timespec="seconds")})
+    if not args.no_ladder:
+        preset = rt.pick(PRESETS)
+        precision = "bf16" if rt.device.type == "cuda" else "fp32"
+        peak = measure_peak_flops(rt.device, precision)
+        print(f"measured {precision} matmul peak: {peak / 1e12:.3f} TFLOP/s")
+        result.update(peak_flops=peak, peak_precision=precision,
+                      model=asdict(preset.model), batch_size=preset.batch_size,
+                      ladder=ladder(preset, rt.device, peak))
+        if rt.device.type == "cuda":
+            print("1.3B GPT, bf16 vs FP8 (both compiled):")
+            result["big"] = {"model": asdict(BIG.model), "batch_size": BIG.batch_size,
+                             "rows": [measure(BIG, r, rt.device, peak)
+                                      for r in LADDER[-2:]
+                                      if skip_reason(r, rt.device) is None]}
+    if args.compare_nanogpt is not None:
+        result["nanogpt"] = compare_nanogpt(args.compare_nanogpt, args.rounds,
+                                            args.steps, args.threads)
+        cmp = result["nanogpt"]
+        print(f"llmcore/nanoGPT tokens/s: median {cmp['ratio_median']:.2f}, range "
+              f"{cmp['ratio_range'][0]:.2f}-{cmp['ratio_range'][1]:.2f}")
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"-> {path}")
+    return 0
