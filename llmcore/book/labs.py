@@ -9,14 +9,22 @@ marker lines inside a function body::
         ### END SOLUTION
 
 and is followed by a check cell tagged ``check`` that calls the function on fresh inputs
-and asserts. The student build replaces each marked region, markers included, with
-``raise NotImplementedError`` at the same indentation, so the function still exists but
-its check fails until the learner writes it.
+and asserts. Cells tagged ``hidden-check`` may follow that check: they run in the
+solution notebook and when grading (``llmcore.book.grade``), but the student copy drops
+them, so a learner cannot tune an answer to them. The student build replaces each marked
+region, markers included, with ``raise NotImplementedError`` at the same indentation,
+so the function still exists but its check fails until the learner writes it.
+
+A marker typed slightly wrong (``###BEGIN SOLUTION``, ``# END SOLUTIONS``) would leave
+the solution in the student copy, so any comment line that mentions BEGIN/END SOLUTION
+and is not exactly a marker is an error naming its cell and line.
 
     python -m llmcore.book.labs student OUT_DIR [LAB.md ...]
+    python -m llmcore.book.labs grade SUBMISSIONS --lab N
 
-writes ``OUT_DIR/NAME.md`` and ``OUT_DIR/NAME.ipynb`` for every lab (all of ``labs/``
-when none is named).
+``student`` writes ``OUT_DIR/NAME.md`` and ``OUT_DIR/NAME.ipynb`` for every lab (all of
+``labs/`` when none is named); it refuses an ``OUT_DIR`` that holds a lab source.
+``grade`` is described in ``llmcore.book.grade``.
 """
 
 from __future__ import annotations
@@ -26,88 +34,70 @@ import copy
 import sys
 from pathlib import Path
 
-from llmcore.book.notebooks import notebooks
-
-BEGIN = "### BEGIN SOLUTION"
-END = "### END SOLUTION"
-STUB = "raise NotImplementedError(\"exercise: write this part\")"
-
-
-def strip_solutions(source: str, where: str = "cell") -> str:
-    """``source`` with each solution replaced by a stub; unbalanced markers raise."""
-    out: list[str] = []
-    inside_since = None
-    for number, line in enumerate(source.splitlines(), start=1):
-        marker = line.strip()
-        if marker == BEGIN:
-            if inside_since is not None:
-                raise ValueError(f"{where}: line {number} opens a solution region "
-                                 f"inside the one opened on line {inside_since}; "
-                                 f"close it first with {END!r}")
-            inside_since = number
-            indent = line[: len(line) - len(line.lstrip())]
-            out.append(indent + STUB)
-        elif marker == END:
-            if inside_since is None:
-                raise ValueError(f"{where}: line {number} has {END!r} with no "
-                                 f"{BEGIN!r} before it")
-            inside_since = None
-        elif inside_since is None:
-            out.append(line)
-    if inside_since is not None:
-        raise ValueError(f"{where}: the solution region opened on line "
-                         f"{inside_since} is never closed; add a line {END!r}")
-    return "\n".join(out)
-
-
-def has_solution(source: str) -> bool:
-    return any(line.strip() == BEGIN for line in source.splitlines())
-
-
-def is_check(cell) -> bool:
-    return cell.cell_type == "code" and "check" in cell.metadata.get("tags", [])
+from llmcore.book import grade
+from llmcore.book.labcells import (  # noqa: F401  (re-exported)
+    BEGIN, END, HIDDEN, LOOKS_LIKE_MARKER, STUB, all_labs, checks_of, exercises,
+    find_lab, first_checks, has_solution, is_check, is_hidden_check,
+    solution_regions,
+    strip_solutions, validate_lab)
 
 
 def student_notebook(nb, where: str = "notebook"):
-    """A copy of the notebook ``nb`` with every solution region stubbed out."""
+    """A copy of ``nb`` with every solution stubbed out and hidden checks removed."""
     nb = copy.deepcopy(nb)
+    kept = []
     for index, cell in enumerate(nb.cells):
-        if cell.cell_type == "code" and has_solution(cell.source):
-            cell.source = strip_solutions(cell.source, f"{where}, cell {index}")
-            cell.outputs = []
+        if is_hidden_check(cell):
+            continue
+        if cell.cell_type == "code":
+            # Every code cell is read: a malformed marker outside any exercise raises.
+            stripped = strip_solutions(cell.source, f"{where}, cell {index}")
+            if stripped != cell.source:
+                cell.source = stripped
+                cell.outputs = []
+        elif LOOKS_LIKE_MARKER.search(cell.source):
+            raise ValueError(f"{where}, cell {index}: a {cell.cell_type} cell mentions "
+                             "a solution marker; markers belong in code cells")
+        kept.append(cell)
+    nb.cells = kept
     return nb
 
 
-def validate_lab(nb, where: str = "notebook") -> None:
-    """A lab has exercises, and each exercise cell is followed by a check cell."""
-    exercises = [i for i, c in enumerate(nb.cells)
-                 if c.cell_type == "code" and has_solution(c.source)]
-    if not exercises:
-        raise ValueError(f"{where}: no cell holds a {BEGIN!r} region; a lab needs "
-                         "at least one exercise")
-    code = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"]
-    for i in exercises:
-        following = [j for j in code if j > i]
-        if not following or not is_check(nb.cells[following[0]]):
-            raise ValueError(f"{where}: the exercise in cell {i} is not followed by a "
-                             "code cell tagged 'check'; add `:tags: [check]` to the "
-                             "cell that tests it")
-        strip_solutions(nb.cells[i].source, f"{where}, cell {i}")
+def _refuse_source_folder(labs: list[Path], out_dir: Path) -> None:
+    """Writing student copies over lab sources would destroy the solutions."""
+    out = out_dir.resolve()
+    for lab in labs:
+        if lab.resolve().parent == out:
+            raise ValueError(f"refusing to write student copies into {out_dir}: it "
+                             f"holds the lab source {lab.name}, whose solutions "
+                             "would be overwritten; choose another OUT_DIR, such as "
+                             "_build/student-labs")
+    if out.is_dir():
+        for path in out.glob("*.md"):
+            if has_solution(path.read_text(encoding="utf-8", errors="replace")):
+                raise ValueError(f"refusing to write student copies into {out_dir}: "
+                                 f"{path.name} there holds solutions (a lab source); "
+                                 "choose an empty folder or one of student copies")
 
 
 def build_student(labs: list[Path], out_dir: Path) -> list[Path]:
     """Write each lab's student version as ``.md`` and ``.ipynb``; return the paths."""
     import jupytext
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    labs = [Path(lab) for lab in labs]
     for lab in labs:
-        lab = Path(lab)
         if not lab.is_file():
             raise FileNotFoundError(f"lab {lab} does not exist")
+    out_dir = Path(out_dir)
+    _refuse_source_folder(labs, out_dir)
+    students = []
+    for lab in labs:   # every lab is checked before anything is written
         nb = jupytext.read(lab)
         validate_lab(nb, str(lab))
-        student = student_notebook(nb, str(lab))
+        students.append((lab, student_notebook(nb, str(lab))))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for lab, student in students:
         for suffix, fmt in ((".md", "md:myst"), (".ipynb", "ipynb")):
             target = out_dir / (lab.stem + suffix)
             jupytext.write(student, target, fmt=fmt)
@@ -115,20 +105,24 @@ def build_student(labs: list[Path], out_dir: Path) -> list[Path]:
     return written
 
 
-def all_labs(root: Path | None = None) -> list[Path]:
-    return notebooks(folders=("labs",), root=root)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llmcore.book.labs",
-                                     description="Build the student versions of labs.")
+                                     description="Student versions and grading.")
     sub = parser.add_subparsers(dest="command", required=True)
     student = sub.add_parser("student", help="write student versions to OUT_DIR")
     student.add_argument("out_dir", type=Path)
     student.add_argument("labs", nargs="*", type=Path,
                          help="lab notebooks (default: every labs/*.md)")
+    grade.add_arguments(sub.add_parser("grade", help=grade.__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    for path in build_student(args.labs or all_labs(), args.out_dir):
+    if args.command == "grade":
+        return grade.run(args)
+    try:
+        written = build_student(args.labs or all_labs(), args.out_dir)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     return 0
 

@@ -1,0 +1,85 @@
+"""Plausible wrong solutions of every lab exercise, to prove the checks reject them.
+
+``MUTANTS[lab][n]`` lists the mutants of exercise ``n`` (1-based) of ``labs/LAB.md``.
+A mutant is an edit ``(old, new)`` of the exercise cell: ``old`` must occur exactly
+once, inside a solution region, and is replaced by ``new``. Each is a mistake a learner
+makes: a missing scale, an off-by-one mask, a wrong reduction or axis, a forgotten term.
+``tests/test_lab_mutants.py`` applies each and asserts that the exercise's checks fail.
+"""
+
+MUTANTS = {
+    "01-memory-budget": {
+        1: [("+ cfg.block_size * C", ""),                     # no position table
+            ("(cfg.n_layer * per_block", "((cfg.n_layer - 1) * per_block"),
+            ("\n            + final_norm)", ")")],             # final norm forgotten
+        2: [('"optimizer": 2 * weights', '"optimizer": weights'),   # one moment
+            ("p.numel() * p.element_size()", "p.numel() * 4")],     # assumes fp32
+        3: [("math.ceil", "math.floor"),
+            ("(fraction * gpu_bytes)", "gpu_bytes"),
+            ("ceil(16 * n_params", "ceil(12 * n_params")],
+    },
+    "02-attention": {
+        1: [(" / math.sqrt(q.shape[-1])", ""),                   # missing scale
+            ("masked_fill(~mask", "masked_fill(mask"),           # mask inverted
+            ("softmax(scores, dim=-1)", "softmax(scores, dim=-2)")],
+        2: [("tril()", "tril(-1)"),                              # off by one
+            ("tril()", "triu()")],
+        3: [("x.view(B, T, n_heads, C // n_heads).transpose(1, 2)",
+             "x.view(B, n_heads, T, C // n_heads)"),            # view, no transpose
+            ("x.transpose(1, 2).reshape(B, T, nh * hs)", "x.reshape(B, T, nh * hs)"),
+            ("x.view(B, T, n_heads, C // n_heads)",
+             "x.view(B, T, C // n_heads, n_heads).transpose(-1, -2)")],
+        4: [("merge_heads(attention(q, k, v, mask)) @ w_o.T",
+             "merge_heads(attention(q, k, v, mask))"),           # no output projection
+            ("x @ w_q.T", "x @ w_q"),
+            ("attention(q, k, v, mask)", "attention(q, k, v)")],  # mask dropped
+    },
+    "03-low-precision": {
+        1: [("p.grad.mul_(1.0 / scale)", "p.grad.mul_(scale)"),
+            ("return scale * growth_factor, 0",
+             "return scale * growth_factor, clean_steps"),
+            ("if clean_steps == growth_interval:", "if clean_steps > growth_interval:"),
+            ("return scale * backoff_factor, 0",
+             "return scale * backoff_factor, clean_steps")],
+        2: [("scale = fmax / x.abs().max().float().clamp(min=1e-12)",
+             "scale = x.abs().max().float().clamp(min=1e-12) / fmax"),
+            ("return x_fp8.float() / scale", "return x_fp8.float() * scale"),
+            ("fmax = torch.finfo(dtype).max", "fmax = 448.0")],
+        3: [("(amax / 127)", "(amax / 128)"),
+            ("amax = w.abs().amax(dim=dims, keepdim=True).float()",
+             "amax = w.abs().max().float().reshape([1] * w.dim())"),   # per tensor
+            ("torch.round(w.float() * (1.0 / scale))",
+             "(w.float() * (1.0 / scale)).trunc()")],
+    },
+    "04-parallel": {
+        1: [("p.grad /= world", "pass"),                         # a sum, not a mean
+            ("p.grad /= world", "p.grad /= 2 * world")],
+        2: [("torch.cat(parts, dim=-1)", "torch.cat(parts, dim=0)"),
+            ("y = F.linear(x_part, weight)", "y = F.linear(x_part, weight, bias)")],
+        3: [("acc = grad + error", "acc = grad"),                # no error feedback
+            ("acc.abs().topk(k)", "acc.topk(k)"),                # largest, not magnitude
+            ("new_error[indices] = 0", "pass")],
+    },
+    "05-finetuning": {
+        1: [("pooled = (h * w).sum(dim=1) / w.sum(dim=1)",
+             "pooled = h.mean(dim=1)"),                          # padding averaged in
+            ("pooled = (h * w).sum(dim=1) / w.sum(dim=1)", "pooled = h[:, -1]"),
+            (" / w.sum(dim=1)", "")],                            # a sum, not a mean
+        2: [("self.scaling * ", ""),                             # missing scale
+            ("self.base(x) + ", "")],                            # base layer dropped
+        3: [("lora.scaling * lora.B @ lora.A", "lora.B @ lora.A"),
+            ("        merged.bias.copy_(base.bias)\n", ""),
+            ("base.weight + lora.scaling", "lora.scaling")],
+    },
+    "06-pretraining-data": {
+        1: [("i += 2", "i += 1"),                                # overlapping pairs
+            ("if i + 1 < len(ids)", "if i + 2 < len(ids)")],    # last pair missed
+        2: [("(u >= 0.8) & (u < 0.9)", "(u >= 0.8)"),           # 20% random, none kept
+            (") & ~special", ")"),                               # specials masked
+            ("labels = torch.where(chosen, ids, torch.full_like(ids, -100))",
+             "labels = ids.clone()")],
+        3: [("return (step + 1) / warmup", "return step / warmup"),
+            ("0.5 * (1 - min_ratio)", "(1 - min_ratio)"),
+            ("        return min_ratio\n", "        return 0.0\n")],
+    },
+}
