@@ -1,13 +1,17 @@
-"""apply_parallel: DDP, FSDP2 and DTensor TP give the gradients of one device."""
+"""PyTorch's engines: DDP, FSDP2 and DTensor TP alone and composed on a mesh give what
+one device computes; a rank never lands on a GPU that is missing or taken."""
 
 import copy
 
 import pytest
 import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import launch
-from llmcore.parallel.native import apply_parallel, init_distributed
+from llmcore.parallel import launch, native
+from llmcore.parallel.native import (apply_parallel, clip_grad_norm_, full_state,
+                                     init_distributed, parallelize_gpt, pick_device)
 
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
 X = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(1))
@@ -17,30 +21,21 @@ Y = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(2))
 def every_mode(rank, world_size):
     torch.manual_seed(0)
     ref = GPT(CFG)
-    _, loss = ref(X, Y)
-    loss.backward()
+    ref(X, Y)[1].backward()
     worst = {}
     for mode in ("ddp", "fsdp", "tp"):
-        model = apply_parallel(_fresh(ref), mode, torch.device("cpu"))
+        model = copy.deepcopy(ref)
+        model.zero_grad(set_to_none=True)
+        model = apply_parallel(model, mode, torch.device("cpu"))
         if mode == "tp":  # tensor parallel ranks read the same batch
             x, y = X, Y
         else:
             x, y = X.chunk(world_size)[rank], Y.chunk(world_size)[rank]
-        _, l = model(x, y)
-        l.backward()
-        inner = model.module if mode == "ddp" else model
-        diffs = []
-        for (n, p), (_, q) in zip(inner.named_parameters(), ref.named_parameters()):
-            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            diffs.append((g - q.grad).abs().max().item())
-        worst[mode] = max(diffs)
+        model(x, y)[1].backward()
+        grads = full_state(model, grads=True)
+        worst[mode] = max((grads[n] - p.grad).abs().max().item()
+                          for n, p in ref.named_parameters())
     return worst
-
-
-def _fresh(ref):
-    model = copy.deepcopy(ref)
-    model.zero_grad(set_to_none=True)
-    return model
 
 
 def test_single_process_without_torchrun():
@@ -52,3 +47,74 @@ def test_single_process_without_torchrun():
 def test_native_engines_match_one_device():
     for worst in launch(every_mode, 2):
         assert max(worst.values()) < 1e-5, worst
+
+
+def test_ranks_get_their_own_existing_gpu_or_all_the_cpu():
+    assert pick_device(1, 2, 2)[:2] == (torch.device("cuda", 1), "nccl")
+    device, backend, note = pick_device(1, 2, 1)  # two ranks, one GPU
+    assert (device, backend) == (torch.device("cpu"), "gloo") and "1 GPU" in note
+    assert pick_device(0, 2, 0) == (torch.device("cpu"), "gloo", "")
+    with pytest.raises(ValueError, match="local_rank"):
+        pick_device(2, 2, 4)
+
+
+def test_torchrun_with_two_ranks_on_one_visible_gpu(monkeypatch):
+    """Rank 1 of ``torchrun --nproc_per_node 2`` on a one-GPU machine: no cuda:1."""
+    calls = {}
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1",
+                       "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device",
+                        lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(native.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(native.dist, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("backend", backend))
+    info = init_distributed()
+    assert info.device == torch.device("cpu") and "gloo" in info.note
+    assert calls == {"backend": "gloo"}  # no GPU bound, gloo for every rank
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    calls.clear()
+    info = init_distributed()
+    assert info.device == torch.device("cuda", 1)
+    assert calls == {"set_device": torch.device("cuda", 1), "backend": "nccl"}
+
+
+def dp_tp_steps(rank, world_size, steps=4, max_norm=0.05):
+    """Clipped AdamW steps of a (dp=2, tp=2) GPT and of one process on the batch."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    ref = GPT(CFG)
+    model = parallelize_gpt(copy.deepcopy(ref), mesh, param_dtype=None)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False)
+            for m in (ref, model)]
+    row = mesh.get_local_rank("dp")
+    losses = []
+    for step in range(steps):
+        x, y = X.roll(step, 0), Y.roll(step, 0)
+        ref_loss = ref(x, y)[1]
+        ref_loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        loss = model(x.chunk(2)[row], y.chunk(2)[row])[1]
+        loss.backward()
+        clip_grad_norm_(list(model.parameters()), max_norm)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)  # over all 4 ranks: each dp row twice
+        losses.append((ref_loss.item(), mean.item() / world_size))
+    state = full_state(model)
+    gap = max((state[n] - p.detach()).abs().max().item()
+              for n, p in ref.named_parameters())
+    return {"losses": losses, "weight_gap": gap}
+
+
+@pytest.mark.distributed
+def test_dp_x_tp_on_four_processes_matches_one_process():
+    for r in launch(dp_tp_steps, 4):
+        for ref_loss, loss in r["losses"]:
+            assert loss == pytest.approx(ref_loss, abs=1e-5)
+        assert r["weight_gap"] < 1e-5
+    assert r["losses"][-1][0] < r["losses"][0][0]  # it trained

@@ -1,31 +1,41 @@
-"""The real engines: PyTorch's DDP, FSDP2 and DTensor tensor parallelism.
+"""The real engines: PyTorch's DDP, FSDP2 and DTensor tensor parallelism, composed.
 
 What the book writes by hand in this package, PyTorch ships ready for clusters.
-``python -m llmcore.train --parallel ddp|fsdp|tp`` started by ``torchrun`` calls
+Under ``torchrun`` a training script calls
 
     info = init_distributed()                       # from torchrun's environment
-    model = apply_parallel(model, "fsdp", info.device)
+    model = apply_parallel(model, "fsdp", info.device)          # one engine, or
+    mesh = init_device_mesh(info.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    model = parallelize_gpt(model, mesh)                        # several, composed
 
-* ``ddp``: ``DistributedDataParallel`` (bucketed all-reduce overlapped with backward);
-* ``fsdp``: FSDP2 ``fully_shard`` on every block, then on the root (ZeRO-3);
-* ``tp``: DTensor ``parallelize_module``: q/k/v and the FFN's first layer
-  ``ColwiseParallel``, the two output projections ``RowwiseParallel`` (Megatron).
-
-Data parallel modes (ddp, fsdp) need each rank to read different data; tp ranks read
-the same batch. A TP model's attention runs its local heads through
-:class:`LocalHeadsAttention`.
+:func:`parallelize_gpt` follows torchtitan's documented order: tensor parallelism on
+the inner mesh dimension, then activation checkpointing, then (optionally) one
+``torch.compile`` per block, then FSDP2's ``fully_shard`` per block and on the root
+over the outer dimension, with a ``MixedPrecisionPolicy`` (bf16 parameters for
+compute, fp32 gradient reduction). Tensor parallelism splits q, k, v and the MLP's
+first layer by output rows (``ColwiseParallel``) and the two output projections by
+input columns (``RowwiseParallel``), Megatron's layout; attention then computes only
+this rank's heads. Data parallel ranks read different data; tensor parallel ranks of
+one row read the same batch.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                               parallelize_module)
 
+from llmcore.nn import MultiHeadAttention
+from llmcore.parallel.activations import apply_activation_checkpointing
 from llmcore.parallel.launch import torchrun_env
 
 MODES = ("ddp", "fsdp", "tp")
@@ -35,8 +45,9 @@ MODES = ("ddp", "fsdp", "tp")
 class DistInfo:
     rank: int  # this process among all
     world_size: int  # number of processes
-    local_rank: int  # this process on its node (its GPU index)
+    local_rank: int  # this process on its node
     device: torch.device  # where this rank's model lives
+    note: str = ""  # why the ranks run on the CPU although a GPU is visible
 
     @property
     def is_main(self) -> bool:
@@ -47,6 +58,27 @@ class DistInfo:
         return self.world_size > 1
 
 
+def local_world_size(world_size: int) -> int:
+    """Processes on this node: torchrun's LOCAL_WORLD_SIZE (all of them if unset)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+
+
+def pick_device(local_rank: int, local_world: int, gpus: int
+                ) -> tuple[torch.device, str, str]:
+    """(device, backend, note) for a rank: its own GPU when every rank of the node has
+    one, else the CPU with gloo for all of them (ranks must agree on the backend, and
+    two ranks on one GPU would fight over its memory under NCCL)."""
+    if not 0 <= local_rank < local_world:
+        raise ValueError(f"local_rank={local_rank} must lie in [0, {local_world})")
+    if gpus >= local_world:
+        return torch.device("cuda", local_rank), "nccl", ""
+    note = ""
+    if gpus:
+        note = (f"{local_world} processes per node but {gpus} GPU(s): every rank runs "
+                "on the CPU with gloo; start at most one process per GPU to use them")
+    return torch.device("cpu"), "gloo", note
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group torchrun set up; a single process without torchrun."""
     env = torchrun_env()
@@ -54,50 +86,146 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistInfo(0, 1, 0, device)
     rank, world, local = env
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device, default, note = pick_device(local, local_world_size(world), gpus)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
+    if note and rank == 0:
+        print(note)
     if not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
+        dist.init_process_group(backend or default,
                                 timeout=timedelta(seconds=timeout_s))
-    return DistInfo(rank, world, local, device)
+    return DistInfo(rank, world, local, device, note)
 
 
-class LocalHeadsAttention(nn.Module):
-    """Self-attention over this rank's heads, using the (DTensor-parallel) projections
-    of an ``llmcore.nn.MultiHeadAttention``: q/k/v give (B, T, C / world) locally."""
+# ------------------------------------------------- the engines
 
-    def __init__(self, mha: nn.Module, world_size: int):
-        super().__init__()
-        if mha.n_heads % world_size:
-            raise ValueError(f"n_heads={mha.n_heads} must be divisible by the tensor-"
-                             f"parallel size {world_size}")
-        self.q_proj, self.k_proj, self.v_proj = mha.q_proj, mha.k_proj, mha.v_proj
-        self.out_proj = mha.out_proj
-        self.n_heads, self.head_size = mha.n_heads // world_size, mha.head_size
-        self.dropout = mha.dropout
 
-    def forward(self, query, attn_mask=None, is_causal=False, kv_cache=None,
-                need_weights=False):
-        if kv_cache is not None or need_weights:
-            raise ValueError("tensor-parallel attention has no kv_cache/need_weights")
-        b, t, _ = query.shape
+def unfuse_qkv(attn: MultiHeadAttention) -> MultiHeadAttention:
+    """The same attention with separate q, k, v projections (same weights): a fused
+    (3C, C) matrix cut into contiguous row blocks would give rank 0 all of q and half
+    of k, so tensor parallelism splits the three matrices one by one."""
+    if not attn.fused_qkv:
+        return attn
+    bias = attn.out_proj.bias is not None
+    out = MultiHeadAttention(attn.d_model, attn.n_heads, attn.dropout, bias,
+                             attn.use_sdpa, attn.rope, fused_qkv=False)
+    out.load_state_dict(attn.state_dict())  # the layout hook splits the rows
+    return out.to(attn.out_proj.weight.device)
 
-        def heads(x):
-            return x.view(b, t, self.n_heads, self.head_size).transpose(1, 2)
 
-        q, k, v = heads(self.q_proj(query)), heads(self.k_proj(query)), \
-            heads(self.v_proj(query))  # (B, nh_local, T, hs)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
+def apply_tp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Megatron tensor parallelism over the 1-D ``mesh``, block by block, in place.
+
+    Embeddings, norms and the output layer stay replicated (plain tensors).
+    """
+    plan = {"self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.out_proj": RowwiseParallel(),
+            "ffn.linear1": ColwiseParallel(), "ffn.linear2": RowwiseParallel()}
+    for block in model.blocks:
+        if block.self_attn.n_heads % mesh.size():
+            raise ValueError(f"n_heads={block.self_attn.n_heads} must be divisible by "
+                             f"the tensor-parallel size {mesh.size()}")
+        block.self_attn = unfuse_qkv(block.self_attn)
+        if getattr(block.ffn, "gate", None) is not None:
+            plan["ffn.gate"] = ColwiseParallel()
+        parallelize_module(block, mesh, plan)
+    return model
+
+
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh | None = None,
+               param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = torch.float32) -> nn.Module:
+    """FSDP2 (ZeRO-3): ``fully_shard`` each block, then the root, over ``mesh``.
+
+    ``param_dtype``: the dtype blocks compute in (bf16 for mixed precision; the fp32
+    master shards stay with the optimizer); ``reduce_dtype``: gradients are reduced in
+    fp32 so that summing many ranks' bf16 gradients loses no bits.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype,
+                              reduce_dtype=reduce_dtype if param_dtype else None)
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def parallelize_gpt(model: nn.Module, mesh: DeviceMesh, *, tp_dim: str = "tp",
+                    dp_dim: str = "dp", checkpoint_every: int = 0,
+                    compile_blocks: bool = False,
+                    param_dtype: torch.dtype | None = torch.bfloat16) -> nn.Module:
+    """llmcore's GPT on a (dp, tp) ``mesh``, in torchtitan's order: TP, activation
+    checkpointing (every ``checkpoint_every``-th block; 0: none), per-block compile,
+    FSDP2 with mixed precision (``param_dtype=None``: fp32 throughout).
+
+    Every rank must have built the model from the same seed. A mesh dimension of size
+    1 is skipped, so a (n, 1) mesh is plain FSDP and (1, n) plain TP. q, k and v are
+    held apart on every mesh, so that a checkpoint has the same names on any mesh.
+    """
+    names = mesh.mesh_dim_names or ()
+    if tp_dim not in names or dp_dim not in names:
+        raise ValueError(f"mesh needs dimensions named {dp_dim!r} and {tp_dim!r}, got "
+                         f"{names}; use init_device_mesh(..., mesh_dim_names=...)")
+    for block in model.blocks:  # one layout on every mesh: checkpoints reshard
+        block.self_attn = unfuse_qkv(block.self_attn)
+    if mesh[tp_dim].size() > 1:
+        apply_tp(model, mesh[tp_dim])
+    if checkpoint_every:
+        apply_activation_checkpointing(model, every=checkpoint_every)
+    if compile_blocks:
+        for block in model.blocks:
+            block.compile()
+    if mesh[dp_dim].size() > 1:
+        apply_fsdp(model, mesh[dp_dim], param_dtype)
+    return model
+
+
+# ------------------------------------------------- training on the engines
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def full_state(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or gradient) whole, under the one-device model's names
+    (wrapper prefixes dropped, q/k/v fused back into ``qkv_proj``). Collective."""
+    out: dict[str, torch.Tensor] = {}
+    for name, p in model.named_parameters():
+        t = p.grad if grads else p.detach()
+        name = name.replace("_orig_mod.", "").replace("module.", "")
+        out[name] = None if t is None else _local(t)
+    for name in [n for n in out if n.endswith("q_proj.weight")]:
+        pre = name[:-len("q_proj.weight")]
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{pre}{x}_proj.{kind}", None) for x in "qkv"]
+            if parts[0] is not None:
+                out[f"{pre}qkv_proj.{kind}"] = torch.cat(parts)
+    return out
+
+
+@torch.no_grad()
+def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model whose parameters live on
+    different meshes (plain, TP, FSDP, both): each gradient's norm is reduced over
+    its own mesh, then the squares are summed. Returns the total norm (fp32)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.zeros((), dtype=torch.float32)
+    for g in grads:
+        n = _local(torch.linalg.vector_norm(g, dtype=torch.float32))
+        total = total + n.cpu() ** 2
+    total = total.sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+    return total
 
 
 def apply_parallel(model: nn.Module, mode: str, device: torch.device,
                    mixed_precision: torch.dtype | None = None) -> nn.Module:
-    """Wrap llmcore's GPT for ``mode`` (ddp, fsdp or tp) on the default process group.
+    """Wrap llmcore's GPT for one engine, ``mode`` (ddp, fsdp or tp), on all ranks.
 
     Every rank must have built the model from the same seed (fsdp and tp keep each
     rank's own slice of its own weights; ddp broadcasts rank 0's).
@@ -109,97 +237,7 @@ def apply_parallel(model: nn.Module, mode: str, device: torch.device,
     if mode == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     if mode == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-        mp = MixedPrecisionPolicy(param_dtype=mixed_precision) if mixed_precision \
-            else MixedPrecisionPolicy()
-        for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-        return model
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
-                                                   parallelize_module)
-
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device.type, (world,))
-    plan = {"self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.out_proj": RowwiseParallel(),
-            "ffn.linear1": ColwiseParallel(), "ffn.linear2": RowwiseParallel()}
-    for block in model.blocks:
-        if block.ffn.gate is not None:
-            plan["ffn.gate"] = ColwiseParallel()
-        parallelize_module(block, mesh, plan)
-        block.self_attn = LocalHeadsAttention(block.self_attn, world)
-    return model
-
-
-# ------------------------------------------------- the experiments the book runs
-
-
-def native_worker(rank: int, world_size: int, cfg, x, y, seed: int = 0) -> dict:
-    """One backward with each engine; largest gradient difference to one device."""
-    import copy
-
-    from llmcore.models.gpt import GPT
-
-    torch.manual_seed(seed)
-    ref = GPT(cfg)
-    ref(x, y)[1].backward()
-    gaps = {}
-    for mode in MODES:
-        model = copy.deepcopy(ref)
-        model.zero_grad(set_to_none=True)
-        model = apply_parallel(model, mode, torch.device("cpu"))
-        mine = (x, y) if mode == "tp" else (x.chunk(world_size)[rank],
-                                            y.chunk(world_size)[rank])
-        model(*mine)[1].backward()
-        inner = model.module if mode == "ddp" else model
-        gaps[mode] = max(
-            ((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
-             - q.grad).abs().max().item()
-            for p, q in zip(inner.parameters(), ref.parameters()))
-    return gaps
-
-
-def main(argv=None) -> None:
-    """``torchrun --nproc_per_node 2 -m llmcore.parallel.native --mode fsdp``: a few
-    AdamW steps of a small GPT on Shakespeare with one of PyTorch's engines."""
-    import argparse
-
-    from llmcore.parallel.data_parallel import DEMO, shakespeare_batches
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--mode", choices=MODES, default="ddp")
-    parser.add_argument("--steps", type=int, default=10)
-    args = parser.parse_args(argv)
-    from llmcore.models.gpt import GPT
-
-    info = init_distributed()
-    cfg, (X, Y) = shakespeare_batches(DEMO.cpu)
-    torch.manual_seed(0)
-    model = apply_parallel(GPT(cfg), args.mode, info.device)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for step in range(args.steps):
-        x, y = X[step % len(X)], Y[step % len(Y)]
-        if args.mode != "tp":  # data parallel: each rank its slice of the batch
-            n, r = info.world_size, info.rank
-            x, y = x.chunk(n)[r], y.chunk(n)[r]
-        loss = model(x.to(info.device), y.to(info.device))[1]
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    if info.is_main:
-        print(f"mode={args.mode} world_size={info.world_size} "
-              f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main()
+        return apply_fsdp(model, mesh, mixed_precision)
+    return apply_tp(model, mesh)

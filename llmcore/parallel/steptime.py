@@ -1,4 +1,5 @@
-"""How long a training step of a parallel plan takes: compute, messages, bubble, overlap.
+"""How long a training step of a parallel plan takes: compute, messages, bubble,
+overlap.
 
 The byte counts of :mod:`llmcore.parallel.costmodel` become seconds with three models:
 
@@ -50,7 +51,7 @@ class Link:
                              f"alpha={self.alpha}, bandwidth={self.bandwidth}")
 
     def time(self, op: str, payload: float, n: int, messages: int = 1) -> float:
-        """Seconds for ``messages`` calls of ``op`` carrying ``payload`` bytes in all."""
+        """Seconds for ``messages`` calls of ``op`` carrying ``payload`` bytes."""
         if n <= 1 or payload <= 0:
             return 0.0
         return (messages * ring_steps(op, n) * self.alpha
