@@ -119,9 +119,9 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
 
     ``model(idx, kv_caches=...)`` must return ``(logits, _)`` as ``GPT`` does.
     ``temperature=0`` is greedy decoding; ``generator`` makes sampling reproducible.
-    The caches are static (preallocated, written in place), so every one-token decode
-    step has the same shapes; ``compile`` (default: on for CUDA, off elsewhere)
-    compiles that step with ``torch.compile`` once and reuses it for every token.
+    The caches are static (preallocated, written in place). ``compile`` (default: on
+    for CUDA, off elsewhere) gives every one-token decode step the same shapes and
+    compiles it with ``torch.compile`` once, for every token.
     """
     block_size = _check(model, idx, max_new_tokens, temperature, top_k, top_p,
                         use_cache)
@@ -130,6 +130,10 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
     was_training = model.training
     model.eval()
     caches = model.new_kv_caches() if use_cache else None
+    for cache in caches or []:
+        # Compiled: every step the same shapes (all slots, masked). Eager: read only
+        # the written prefix, less work when the context is much longer than the text.
+        cache.fixed_shapes = compile
     # dynamic=True: the caches' length is an int that grows by one every step; marked
     # dynamic from the start it never causes a recompilation.
     decode = torch.compile(model, dynamic=True) if compile and use_cache else model

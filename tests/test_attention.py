@@ -268,7 +268,7 @@ def test_fused_state_dict_loads_into_separate_projections():
 
 
 def shard_heads(full: MultiHeadAttention, rank: int, world: int) -> MultiHeadAttention:
-    """A copy keeping heads [rank * nh/world, ...) by hand: q/k/v rows, out_proj columns."""
+    """A copy keeping this rank's heads, by hand: q/k/v rows, out_proj columns."""
     part = MultiHeadAttention(full.d_model, full.n_heads, bias=True,
                               fused_qkv=full.fused_qkv)
     c = full.d_model

@@ -110,13 +110,17 @@ def test_tiny_but_allowed_temperature_is_nearly_greedy(model):
 # ------------------------------------------------------------ static KV cache
 
 @pytest.mark.parametrize("new", [6, 14])
-def test_static_cache_equals_the_growing_cache(model, new):
-    """Step by step, the preallocated cache gives the logits the torch.cat one did."""
+@pytest.mark.parametrize("fixed_shapes", [True, False])
+def test_static_cache_equals_the_growing_cache(model, new, fixed_shapes):
+    """Step by step, the preallocated cache gives the logits the torch.cat one did,
+    reading all slots (masked) or only the written prefix."""
     idx = torch.randint(40, (3, 2), generator=torch.Generator().manual_seed(2))
     runs = []
     for static in (True, False):
         caches = model.new_kv_caches(static=static)
         assert all(c.static == static for c in caches)
+        for c in caches:
+            c.fixed_shapes = fixed_shapes
         fresh, out, logits = idx, idx, []
         for _ in range(new):
             step, _ = model(fresh, kv_caches=caches)
@@ -183,12 +187,18 @@ def test_compiled_decode_step_gives_the_same_tokens(model, monkeypatch):
         calls.append(kwargs)
         return real_compile(m, backend="eager", **kwargs)
 
+    caches = []
+    new_kv_caches = model.new_kv_caches
+    monkeypatch.setattr(model, "new_kv_caches",
+                        lambda: caches.extend(new_kv_caches()) or caches)
+
     torch._dynamo.reset()
     monkeypatch.setattr(generate_module.torch, "compile", eager_compile)
     idx = torch.randint(40, (2, 3), generator=torch.Generator().manual_seed(4))
     a = generate(model, idx, 8, temperature=0, compile=True)
     monkeypatch.undo()
     assert calls == [dict(dynamic=True)]
+    assert all(c.static and c.fixed_shapes for c in caches)  # all slots, masked
     assert torch.equal(a, generate(model, idx, 8, temperature=0, compile=False))
 
 

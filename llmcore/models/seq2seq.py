@@ -180,10 +180,11 @@ class EncoderDecoder(nn.Module):
         mem_mask = padding_mask(src, self.cfg.pad_id)
         out = torch.full((src.shape[0], 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(src.shape[0], dtype=torch.bool, device=src.device)
-        # Static caches: preallocated for the steps ahead, written in place.
+        # Static caches: preallocated for the steps ahead, written in place; eager
+        # steps read only the written prefix.
         room = min(self.cfg.max_len, max(1, max_new_tokens))
-        caches = ([KVCache(max_len=room) for _ in self.decoder.layers] if use_cache
-                  else None)
+        caches = ([KVCache(max_len=room, fixed_shapes=False)
+                   for _ in self.decoder.layers] if use_cache else None)
         for _ in range(max_new_tokens):
             step_in = out[:, -1:] if use_cache else out
             logits = self.decoder(step_in, memory, mem_mask, kv_caches=caches)

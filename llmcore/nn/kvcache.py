@@ -11,10 +11,12 @@ Two layouts, one class:
   ``c.k, c.v = c.k[sel], c.v[sel]``.
 - **static** (``KVCache(max_len)``): two (B, nh, max_len, hs) buffers allocated once,
   at the first update, and written in place at the current position (``index_copy_``
-  with a position tensor on the device). Every decode step then sees tensors of the
-  same shapes at the same addresses, which is what ``torch.compile`` needs to compile
-  the step once and what CUDA graphs need to replay it. Attention runs over all
-  ``max_len`` slots; :meth:`key_mask` hides the slots not written yet.
+  with a position tensor on the device). With ``fixed_shapes=True`` attention reads
+  all ``max_len`` slots and :meth:`key_mask` hides the ones not written yet, so every
+  decode step sees tensors of the same shapes at the same addresses: what
+  ``torch.compile`` needs to compile the step once and CUDA graphs need to replay it.
+  With ``fixed_shapes=False`` attention reads only the written prefix (a view of the
+  buffers), less work for an eager step when ``max_len`` is much longer than the text.
 """
 
 from __future__ import annotations
@@ -28,12 +30,13 @@ class KVCache:
     and returns what attention should read; ``len(cache)`` counts the stored positions.
     """
 
-    def __init__(self, max_len: int | None = None):
+    def __init__(self, max_len: int | None = None, fixed_shapes: bool = True):
         if max_len is not None and (isinstance(max_len, bool)
                                     or not isinstance(max_len, int) or max_len < 1):
             raise ValueError(f"max_len must be a positive int (static cache) or None "
                              f"(growing cache), got {max_len!r}")
         self.max_len = max_len  # None: grow with torch.cat; else preallocated buffers
+        self.fixed_shapes = fixed_shapes  # static: read all max_len slots, masked
         self.reset()
 
     @property
@@ -109,9 +112,9 @@ class KVCache:
         self._slots = torch.arange(self.max_len, device=k.device)  # key positions
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Store k, v (B, nh, T_new, hs). Growing: returns every stored position,
-        (B, nh, len, hs). Static: returns the whole buffers (B, nh, max_len, hs); mask
-        them with :meth:`key_mask`."""
+        """Store k, v (B, nh, T_new, hs). Returns every stored position, (B, nh, len,
+        hs), or with fixed shapes the whole buffers (B, nh, max_len, hs), to be masked
+        with :meth:`key_mask`."""
         t_new = k.shape[-2]
         if self.static and self.length + t_new > self.max_len:
             raise ValueError(f"KVCache holds {self.length} positions and got {t_new} "
@@ -136,6 +139,13 @@ class KVCache:
             return self._k, self._v
         if ref is None:
             self._allocate(k)
+        if not self.fixed_shapes:  # eager: a plain slice write, then the prefix
+            end = self.length + t_new
+            self._k[:, :, self.length:end] = k
+            self._v[:, :, self.length:end] = v
+            self._pos += t_new
+            self.length = end
+            return self.k, self.v  # (B, nh, len, hs), views of the buffers
         # Positions as a device tensor: the write and the mask need no host value.
         self._new = self._pos + torch.arange(t_new, device=k.device)  # (T_new,)
         self._k.index_copy_(2, self._new, k.to(self._k.dtype))
@@ -148,10 +158,10 @@ class KVCache:
         """After :meth:`update`: the boolean (T_new, keys) mask the new queries need
         (True = may attend), or None when every returned key may be read.
 
-        Growing: None, or the causal mask shifted by the earlier positions. Static:
-        the written slots only, and causally if ``causal``.
+        Without fixed shapes: None (the caller shifts the causal mask by the earlier
+        positions). With them: the written slots only, and causally if ``causal``.
         """
-        if not self.static:
+        if not (self.static and self.fixed_shapes):
             return None  # the caller builds the shifted causal mask (it knows past)
         allowed = self._slots[None, :] <= self._new[:, None]  # (T_new, max_len)
         if not causal:  # every new query sees every written slot, itself included
