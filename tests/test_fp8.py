@@ -266,3 +266,23 @@ def test_fused_projection_casts_its_input_once(monkeypatch):
     names = [n for n, m in gpt.named_modules() if isinstance(m, Float8Linear)]
     assert sum(n.endswith("qkv_proj") for n in names) == 2  # one per block
     assert not {n.rsplit(".", 1)[-1] for n in names} & {"q_proj", "k_proj", "v_proj"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("scaling", ["tensorwise", "delayed"])
+def test_training_steps_make_no_host_sync_on_the_gpu(scaling):
+    """On CUDA the device itself reports a synchronisation: none may happen in the
+    forward and backward of Float8Linear (either backend), after a warm-up step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).cuda()
+    convert_to_float8(model, scaling=scaling, quiet=True)
+    x = torch.randn(64, 256, device="cuda")
+    model(x).sum().backward()  # warm-up: lazy initialisation may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            model(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(model[0].weight.grad).all()

@@ -165,3 +165,30 @@ def test_one_host_sync_per_step_not_one_per_parameter(monkeypatch):
     monkeypatch.undo()
     # and the decisions are still GradScaler's: grow at 2 clean steps, then back off
     assert s.get_scale() == 4.0 * 2 * 0.5
+
+
+@pytest.mark.gpu
+def test_unscale_and_update_make_no_host_sync_on_the_gpu():
+    """Only step() reads the device (whether to skip); unscale_ and update stay on
+    it, as the device's own sync detector confirms."""
+    model = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)]).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    s = LossScaler(init_scale=4.0, growth_interval=1)
+    x = torch.randn(8, 64, device="cuda")
+    for step in range(3):
+        opt.zero_grad()
+        s.scale(model(x).sum()).backward()
+        if step:  # after a warm-up step (the scale moves to the GPU there)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            s.unscale_(opt)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        s.step(opt)  # the one read
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            s.update()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert s.get_scale() == 4.0 * 2 ** 3
