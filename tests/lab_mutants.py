@@ -68,7 +68,7 @@ MUTANTS = {
         2: [("self.scaling * ", ""),                             # missing scale
             ("self.base(x) + ", "")],                            # base layer dropped
         3: [("lora.scaling * lora.B @ lora.A", "lora.B @ lora.A"),
-            ("        merged.bias.copy_(base.bias)\n", ""),
+            ("            merged.bias.copy_(base.bias)\n", "            pass\n"),
             ("base.weight + lora.scaling", "lora.scaling")],
     },
     "06-pretraining-data": {
@@ -81,5 +81,28 @@ MUTANTS = {
         3: [("return (step + 1) / warmup", "return step / warmup"),
             ("0.5 * (1 - min_ratio)", "(1 - min_ratio)"),
             ("        return min_ratio\n", "        return 0.0\n")],
+    },
+    "07-pipeline-schedule": {
+        1: [("warm = min(n_stages - stage - 1, n_micro)",
+             "warm = min(n_stages - stage, n_micro)"),          # one warm-up too many
+            ("warm = min(n_stages - stage - 1, n_micro)",
+             "warm = n_stages - stage - 1"),                     # not capped at m
+            ('steps += [("F", i), ("B", i - warm)]',
+             'steps += [("B", i - warm), ("F", i)]')],
+        2: [('held += 1 if kind == "F" else -1', 'held += 1 if kind == "F" else 0'),
+            ("peak = max(peak, held)", "peak = held")],
+        3: [("start = max(free[s], done[need][1] if need else 0.0)",
+             "start = free[s]"),                                 # input time ignored
+            ('end = start + (t_f if kind == "F" else t_b)', "end = start + t_f"),
+            ('need = ("F", s - 1, i) if s > 0 else None',
+             'need = ("F", s - 1, i - 1) if s > 0 and i > 0 else None')],
+        4: [("(n_micro + n_stages - 1)", "(n_micro + n_stages)"),
+            ("return (n_stages - 1) /", "return n_stages /"),
+            ("(n_stages - 1) / (n_micro + n_stages - 1)", "(n_stages - 1) / n_micro")],
+        5: [("loss = loss_fn(outputs[(s, i)], ys[i]) / n_micro",
+             "loss = loss_fn(outputs[(s, i)], ys[i])"),          # missing 1/m
+            ("torch.autograd.backward(outputs[(s, i)], inputs[(s + 1, i)].grad)",
+             "outputs[(s, i)].sum().backward()"),                # wrong upstream grad
+            ("total += loss.item()", "total = loss.item()")],
     },
 }

@@ -112,15 +112,17 @@ def test_apply_lora_targets_freezes_and_merges_to_the_same_outputs():
     clf = SequenceClassifier(gpt, 16, 2)
     idx = torch.randint(20, (4, 10))
     ref = hidden_states(gpt, idx).clone()
-    apply_lora(clf, rank=2, alpha=4, target_modules=["q_proj", "v_proj"],
+    apply_lora(clf, rank=2, alpha=4, target_modules=["qkv_proj", "out_proj"],
                keep_trainable=["head"])
     wrapped = [n for n, m in clf.named_modules() if isinstance(m, LoRALinear)]
-    assert len(wrapped) == 4 and all(n.endswith(("q_proj", "v_proj")) for n in wrapped)
+    assert len(wrapped) == 4 and all(n.endswith(("qkv_proj", "out_proj"))
+                                     for n in wrapped)
     torch.testing.assert_close(hidden_states(gpt, idx), ref)  # B = 0: unchanged
     trainable = {n for n, p in clf.named_parameters() if p.requires_grad}
     assert trainable == {f"{n}.lora_{x}" for n in wrapped for x in "AB"} | {
         "head.weight", "head.bias"}
-    assert count_parameters(clf)[0] == 4 * 2 * (16 + 16) + 16 * 2 + 2
+    # rank 2: (16 + 3 * 16) for the fused q/k/v projection, (16 + 16) for out_proj
+    assert count_parameters(clf)[0] == 2 * 2 * (16 + 48 + 16 + 16) + 16 * 2 + 2
     # train a little so that B is not zero, then merge
     nn.init.normal_(clf.head.weight)
     opt = torch.optim.Adam([p for p in clf.parameters() if p.requires_grad], lr=1e-2)
@@ -133,7 +135,7 @@ def test_apply_lora_targets_freezes_and_merges_to_the_same_outputs():
     before = clf(idx)[0]
     merge_lora(clf)
     assert not any(isinstance(m, LoRALinear) for m in clf.modules())
-    assert type(clf.backbone.blocks[0].self_attn.q_proj) is nn.Linear
+    assert type(clf.backbone.blocks[0].self_attn.qkv_proj) is nn.Linear
     torch.testing.assert_close(clf(idx)[0], before, atol=1e-5, rtol=1e-5)
 
 

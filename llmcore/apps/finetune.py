@@ -48,21 +48,14 @@ def hidden_states(backbone: nn.Module, idx: Tensor,
                   attention_mask: Tensor | None = None) -> Tensor:
     """The last layer's vectors (B, T, C) of a pretrained model, without its LM head.
 
-    A model with a ``hidden(idx, attention_mask)`` method (BERT, ELECTRA) is asked for
-    them; a :class:`~llmcore.models.gpt.GPT` runs its blocks causally and its final
-    norm. A causal model needs no attention mask with right padding.
+    A :class:`~llmcore.models.gpt.GPT` is causal and needs no attention mask with right
+    padding: its trunk (:meth:`GPT.hidden`) gives them. A model with a
+    ``hidden(idx, attention_mask)`` method (BERT, ELECTRA) is given the mask.
     """
+    if isinstance(backbone, GPT):
+        return backbone.hidden(idx)
     if hasattr(backbone, "hidden"):
         return backbone.hidden(idx, attention_mask)
-    if isinstance(backbone, GPT):
-        g = backbone
-        if idx.dim() != 2 or idx.shape[1] > g.config.block_size:
-            raise ValueError(f"idx must be (B, T) with T <= block_size="
-                             f"{g.config.block_size}, got {tuple(idx.shape)}")
-        x = g.drop(g.pos_emb(g.tok_emb(idx)))  # (B, T, C)
-        for block in g.blocks:
-            x = block(x, is_causal=True)
-        return g.ln_f(x)
     raise ValueError(f"backbone {type(backbone).__name__} has no hidden() method and "
                      "is not a GPT; give it hidden(idx, attention_mask) -> (B, T, C)")
 
