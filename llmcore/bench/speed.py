@@ -42,7 +42,7 @@ from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.precision.fp8 import convert_to_float8, size_filter
 from llmcore.runtime import device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
-from llmcore.train.run import PRESETS as RUNS
+from llmcore.train import run as runs
 
 
 @dataclass(frozen=True)
@@ -167,7 +167,7 @@ def llmcore_step_ms(steps: int) -> list[float]:
         return get_batch(ids, 12, CHAR.block_size, generator)
 
     torch.manual_seed(1337)
-    tc = RUNS["shakespeare-char"].cpu.train
+    tc = runs.PRESETS["shakespeare-char"].cpu.train
     cfg = replace(tc, max_steps=steps + SETTLE + 1, eval_interval=0, ckpt_interval=0,
                   progress=False)
     train(GPT(CHAR), batch_fn, cfg)

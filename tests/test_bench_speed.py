@@ -1,0 +1,59 @@
+"""The speed benchmark: the ladder through the training loop, skipped rungs with a
+reason, the JSON it writes, and the nanoGPT log it parses."""
+
+import json
+import textwrap
+
+import pytest
+import torch
+
+from llmcore.bench import speed
+from llmcore.config import Tiered
+from llmcore.models.gpt import GPTConfig
+
+TINY = speed.SpeedPreset(GPTConfig(65, 16, 1, 2, 32), batch_size=2, steps=2, warmup=2)
+
+
+def test_rungs_a_cpu_cannot_run_are_skipped_with_a_reason():
+    cpu = torch.device("cpu")
+    names = {r.name: speed.skip_reason(r, cpu) for r in speed.LADDER}
+    assert "sm80" in names["tf32"] and "sm89" in names["fp8"]
+    assert names["fp32"] is None and names["compile"] is None
+    # each rung adds one thing to the one before
+    assert [r.name for r in speed.LADDER] == ["fp32", "tf32", "bf16", "fused kernels",
+                                              "compile", "fp8"]
+
+
+def test_main_writes_the_ladder(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "PRESETS", Tiered(cpu=TINY, gpu=TINY))
+    eager = tuple(r for r in speed.LADDER if not r.compile)  # compile: see test_train
+    monkeypatch.setattr(speed, "LADDER", eager)
+    assert speed.main(["--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "speed-cpu.json").read_text())
+    assert result["torch"] == torch.__version__ and result["date"]
+    rows = {r["rung"]: r for r in result["ladder"]}
+    assert set(rows) == {"fp32", "tf32", "bf16", "fused kernels"}
+    assert "skipped" in rows["tf32"]
+    for name in ("fp32", "bf16", "fused kernels"):
+        assert rows[name]["tokens_per_s"] > 0 and 0 < rows[name]["mfu"] < 1
+        assert rows[name]["step_ms"] == pytest.approx(
+            1e3 * 2 * 16 / rows[name]["tokens_per_s"])
+    assert rows["fp32"]["sdpa"] is False and rows["fused kernels"]["sdpa"] is True
+
+
+def test_nanogpt_times_are_read_from_its_log(tmp_path):
+    fake = tmp_path / "nanoGPT"
+    fake.mkdir()
+    lines = [f"iter {i}: loss 4.1, time {10.0 * (i + 1):.2f}ms, mfu -100.00%"
+             for i in range(speed.SETTLE + 4)]
+    (fake / "train.py").write_text(textwrap.dedent(f"""
+        print("tokens per iteration will be: 768")
+        for line in {lines!r}:
+            print(line)
+    """))
+    times = speed.nanogpt_step_ms(fake, 3, {})
+    assert times == [10.0 * (i + 1) for i in range(speed.SETTLE + 1,
+                                                   speed.SETTLE + 4)]
+    (fake / "train.py").write_text("raise SystemExit('no data')")
+    with pytest.raises(RuntimeError, match="prepare its data"):
+        speed.nanogpt_step_ms(fake, 3, {})
