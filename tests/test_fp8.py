@@ -13,6 +13,7 @@ from llmcore.precision import fp8
 from llmcore.precision.fp8 import (AmaxHistory, Float8Linear, convert_to_float8,
                                    dequantize, fp8_backend, quantize, scaled_matmul,
                                    size_filter)
+from tests.host_reads import count_host_reads
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -182,18 +183,6 @@ def test_delayed_from_linear_keeps_history_and_refuses_bare_linear():
     assert f8.hist_w.history[0] == lin.weight.detach().abs().max()
     with pytest.raises(ValueError, match="wrap it"):
         convert_to_float8(nn.Linear(16, 16), quiet=True)
-
-
-def count_host_reads(monkeypatch):
-    """Record every tensor -> Python read (``.item()``, ``bool()``): each one is a
-    host synchronisation on a GPU and a graph break under ``torch.compile``."""
-    reads = []
-    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "item",
-                        lambda t: reads.append("item") or real_item(t))
-    monkeypatch.setattr(torch.Tensor, "__bool__",
-                        lambda t: reads.append("bool") or real_bool(t))
-    return reads
 
 
 def test_delayed_scaling_never_reads_the_device(monkeypatch):

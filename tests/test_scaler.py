@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmcore.precision import LossScaler
+from tests.host_reads import count_host_reads
 
 
 def run(scaler, model, opt, stream):
@@ -146,12 +147,7 @@ def test_one_host_sync_per_step_not_one_per_parameter(monkeypatch):
     model = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])  # 12 params
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     s = LossScaler(init_scale=4.0, growth_interval=2)
-    reads = []
-    real_item, real_bool = torch.Tensor.item, torch.Tensor.__bool__
-    monkeypatch.setattr(torch.Tensor, "item",
-                        lambda t: reads.append("item") or real_item(t))
-    monkeypatch.setattr(torch.Tensor, "__bool__",
-                        lambda t: reads.append("bool") or real_bool(t))
+    reads = count_host_reads(monkeypatch)
     for poison in (None, None, float("inf"), None):
         reads.clear()
         opt.zero_grad()
