@@ -64,3 +64,46 @@ def test_hooks_under_ddp_and_bucketed():
     assert max_abs_diff(r0["psgd_ours_bucketed"]["state"], r0["psgd"]["state"]) < 1e-5
     for k in r0:  # replicas identical even when lossy
         assert max_abs_diff(r0[k]["state"], r1[k]["state"]) == 0.0, k
+
+
+# ------------------------------------------------- top-k when DDP regroups its buckets
+
+def topk_reference(ratio, world_size, lr=0.1):
+    """Top-k with error feedback per rank and per gradient, on one process."""
+    torch.manual_seed(0)
+    model = MODEL()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
+    errors = [[torch.zeros(p.numel()) for p in params] for _ in range(world_size)]
+    for x, y in zip(*DATA):
+        sent = [torch.zeros(p.numel()) for p in params]
+        for r in range(world_size):
+            model.zero_grad()
+            model(x.chunk(world_size)[r], y.chunk(world_size)[r])[1].backward()
+            for i, p in enumerate(params):
+                acc = p.grad.reshape(-1) + errors[r][i]
+                idx = acc.abs().topk(max(1, int(ratio * acc.numel()))).indices
+                part = torch.zeros_like(acc)
+                part[idx] = acc[idx]
+                errors[r][i] = acc - part
+                sent[i] += part
+        for i, p in enumerate(params):
+            p.grad = (sent[i] / world_size).view_as(p)
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def topk_several_buckets(rank, world_size):
+    run = functools.partial(train_worker, rank, world_size, MODEL, data=DATA,
+                            hook="topk", ratio=0.1)
+    # DDP starts with one bucket and regroups into several after the first step
+    return {"ddp": run("ddp", bucket_cap_mb=0.002),
+            "bucketed": run("bucketed", bucket_cap_mb=0.002),
+            "one_bucket": run("bucketed", bucket_cap_mb=25.0)}
+
+
+def test_topk_error_feedback_survives_ddp_rebuilding_its_buckets():
+    ref = topk_reference(0.1, 2)
+    r0, _ = launch(topk_several_buckets, 2)
+    for k, run in r0.items():
+        assert max_abs_diff(run["state"], ref) < 1e-5, k

@@ -9,7 +9,8 @@ from llmcore.parallel import BucketedDataParallel, launch
 from llmcore.parallel.costmodel import dp_payload
 from llmcore.parallel.data_parallel import make_buckets
 from llmcore.parallel.experiments.common import max_abs_diff, train_single
-from llmcore.parallel.experiments.data import train_worker
+from llmcore.parallel.experiments.data import dropout_masks, train_worker
+from llmcore.parallel.experiments.timeline import dp_timeline_worker, overlap
 from parallel_fixtures import TinyLM, random_batches
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)
@@ -71,3 +72,32 @@ def test_data_parallel_matches_single_process_and_ddp():
     per_step = dp_payload(n_params, grad_bytes=4)["all_reduce"]  # the cost model
     for kind in ("naive", "bucketed", "accumulate"):  # no_sync: one sync per step
         assert ranks[0][kind]["bytes_sent"] == 3 * per_step, kind
+
+
+@pytest.mark.distributed
+def test_data_parallel_ranks_draw_their_own_dropout_masks():
+    masks = launch(dropout_masks, 2, 0)
+    assert not torch.equal(masks[0], masks[1])
+
+
+def timelines(rank, world_size):
+    model = functools.partial(TinyLM, vocab_size=64, n_embd=64, hidden=512)
+    x, y = random_batches(1, 16, 32, 64)
+    return {cap: dp_timeline_worker(rank, world_size, model, x[0], y[0], cap)
+            for cap in (0.05, 100.0)}
+
+
+@pytest.mark.distributed
+def test_bucketed_all_reduce_overlaps_backward_and_one_bucket_cannot():
+    ranks = launch(timelines, 2)
+    for r in ranks:
+        many, one = r[0.05], r[100.0]
+        assert many["buckets"] > 2 and one["buckets"] == 1
+        comm = sorted((e for e in many["events"] if e["kind"] == "comm"),
+                      key=lambda e: e["start"])
+        bwd = next(e for e in many["events"] if e["kind"] == "backward")
+        assert comm[0]["start"] < bwd["end"]  # sent while backward still computed
+        assert overlap(many["events"]) > 0.0
+        one_comm = next(e for e in one["events"] if e["kind"] == "comm")
+        assert one_comm["start"] >= next(e for e in one["events"]
+                                         if e["kind"] == "backward")["end"] - 1e-3

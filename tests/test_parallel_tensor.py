@@ -12,6 +12,7 @@ from llmcore.parallel import launch
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.costmodel import tp_payload
 from llmcore.parallel.experiments.tensor import dtensor_worker, hybrid_worker
+from llmcore.parallel.rng import RNGTracker, rank_seed, tp_region_seed
 from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                               VocabParallelEmbedding,
                                               apply_tensor_parallel, column_from,
@@ -123,3 +124,65 @@ def test_hybrid_data_times_tensor_parallel_on_four_ranks():
     out = launch(hybrid_worker, 4, CFG, x, y)
     assert [o["coords"] for o in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert max(o["grad_gap"] for o in out) < 1e-5
+
+
+# ------------------------------------------------- dropout: which ranks draw alike
+
+def test_rng_tracker_forks_without_moving_the_default_stream():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    tracker = RNGTracker()
+    tracker.add("tp", 11)
+    with tracker.fork("tp"):
+        first = torch.rand(3)
+    assert torch.equal(torch.rand(3), expected)  # the default stream did not move
+    with tracker.fork("tp"):
+        second = torch.rand(3)  # the region's stream continues where it stopped
+    torch.manual_seed(11)
+    assert torch.equal(first, torch.rand(3)) and torch.equal(second, torch.rand(3))
+    assert rank_seed(0, dp_rank=1) != rank_seed(0, dp_rank=0)
+    assert tp_region_seed(0, 1) != tp_region_seed(0, 0)
+
+
+def dropout_masks(rank, world_size, seed):
+    """The masks of the attention dropout (4-D) and of the residual dropout (3-D)."""
+    cfg = GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=4, n_embd=16,
+                    dropout=0.5, use_sdpa=False)
+    torch.manual_seed(0)
+    model = apply_tensor_parallel(GPT(cfg), None, seed=seed)
+    masks = {"attention": [], "residual": []}
+    dropout = nn.functional.dropout
+
+    def recording(x, *args, **kwargs):
+        out = dropout(x, *args, **kwargs)
+        masks["attention" if x.dim() == 4 else "residual"].append(out != 0)
+        return out
+
+    nn.functional.dropout = recording
+    try:
+        torch.manual_seed(1)  # the default stream: alike on the ranks of the group
+        model(torch.randint(32, (2, 8), generator=torch.Generator().manual_seed(3)))
+    finally:
+        nn.functional.dropout = dropout
+    return masks
+
+
+def seeded_and_unseeded(rank, world_size):
+    return {"tracker": dropout_masks(rank, world_size, seed=0),
+            "none": dropout_masks(rank, world_size, seed=None)}
+
+
+def test_tensor_parallel_ranks_draw_their_own_masks_inside_the_region():
+    r0, r1 = launch(seeded_and_unseeded, 2)
+    same = [torch.equal(a, b) for a, b in zip(r0["tracker"]["attention"],
+                                               r1["tracker"]["attention"])]
+    assert same and not any(same)  # other heads, other masks
+    # outside the region every rank drops the same positions of the replicated
+    # activations, or the replicas would drift apart
+    assert all(torch.equal(a, b) for a, b in zip(r0["tracker"]["residual"],
+                                                  r1["tracker"]["residual"]))
+    assert len(r0["tracker"]["residual"]) >= 3  # embeddings and both residual branches
+    # without the tracker both ranks drew the very same mask for different heads
+    assert all(torch.equal(a, b) for a, b in zip(r0["none"]["attention"],
+                                                  r1["none"]["attention"]))

@@ -7,8 +7,9 @@ gradient averaged over ranks (exactly, or approximately when compressed); the st
 counts the bytes this rank handed to collectives.
 
 * casting to fp16/bf16: half the bytes, rounding error only;
-* int8 quantization with one scale per rank: a quarter of the bytes (all-gather,
-  since int8 sums would overflow);
+* int8 quantization with one scale per rank: a quarter of the bytes handed in, but
+  all-gathered (int8 sums would overflow), so each rank sends N/8 of what an fp32
+  all-reduce sends: less only below 8 ranks;
 * top-k sparsification with error feedback (Stich et al. 2018, "Sparsified SGD with
   memory"): send the k largest entries and their indices, keep the rest for later;
 * PowerSGD (Vogels et al. 2019): a rank-r approximation P Q^T of each gradient

@@ -73,7 +73,13 @@ def one_f_one_b(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]
     return sched + [("B", i) for i in range(n_micro - warm, n_micro)]
 
 
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+def sequential(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
+    """No pipelining: each micro-batch's forward and backward before the next one;
+    the baseline whose bubble is (p - 1) / p whatever m is."""
+    return [step for i in range(n_micro) for step in (("F", i), ("B", i))]
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "sequential": sequential}
 
 
 def simulate(schedule: str, n_stages: int, n_micro: int, t_f: float = 1.0,

@@ -3,6 +3,7 @@ references and a way to compare weights."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -99,3 +100,28 @@ def units_of(model: nn.Module, name: str) -> list[nn.Module]:
         return []
     m = model.get_submodule(name)
     return list(m) if isinstance(m, nn.ModuleList) else [m]
+
+
+def time_step(model_fn, x, y, device, repeats: int = 3) -> dict:
+    """What one device does per step: milliseconds of a forward and backward of the
+    batch (x, y) (the best of ``repeats`` after a warm-up) and, on CUDA, the peak
+    memory in bytes. On one GPU this is the compute a data-parallel rank would do."""
+    device = torch.device(device)
+    model = model_fn().to(device)
+    x, y = x.to(device), y.to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model(x, y)[1].backward()
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if i:  # the first step warms up (allocations, kernel selection)
+            best = min(best, time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
+    return {"ms": best * 1e3, "peak_bytes": peak, "device": str(device)}

@@ -15,18 +15,21 @@ from llmcore.parallel.pipeline import GPTStage, run_pipeline, sync_tied_grads
 
 def pipeline_worker(rank: int, world_size: int, model_fn, schedule: str, x, y,
                     n_micro: int, seed: int = 0, repeats: int = 1) -> dict:
-    """``repeats`` steps of ``schedule`` on this rank's stage (the last one is kept:
-    the first ones warm up); gradients named as in the model, timed events."""
+    """``repeats`` steps of ``schedule`` on this rank's stage; gradients (of the last
+    step) named as in the model, the timed events of every step."""
     torch.manual_seed(seed)  # every rank builds the same model, keeps its stage
     model = model_fn()
     stage = GPTStage(model, rank, world_size)
     comm = Comm()
     act_shape = (x.shape[0] // n_micro, x.shape[1], model.config.n_embd)
+    runs = []
     for _ in range(repeats):
         stage.zero_grad()
         comm.stats.reset()
         dist.barrier()  # every stage starts the step together
         out = run_pipeline(stage, schedule, comm, x, y, n_micro, act_shape)
+        runs.append(out["events"])
+    out["runs"] = runs  # the events of every repeat (a busy machine adds noise)
     out["stage_grads"] = {n: p.grad.clone() for n, p in stage.named_parameters()}
     sync_tied_grads(model, comm)
     mine = {id(p) for p in stage.parameters()}
