@@ -74,14 +74,31 @@ execute: venv
 	    --nb-times $(REPORTS)/book-notebook-times.json book labs || status=$$?; \
 	if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi
 
-book: venv
+# The mermaid library from its npm package, served from the site (no CDN). The version
+# is also in _config.yml (mermaid_version).
+MERMAID_VERSION := 12.3.0
+MERMAID := _static/mermaid/mermaid.esm.min.mjs
+
+$(MERMAID): Makefile
+	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
+	@tmp=$$(mktemp -d); trap 'rm -rf $$tmp' EXIT; \
+	(cd $$tmp && npm pack --silent mermaid@$(MERMAID_VERSION) >/dev/null); \
+	tar xzf $$tmp/mermaid-$(MERMAID_VERSION).tgz -C $$tmp \
+	    package/dist/mermaid.esm.min.mjs package/dist/chunks/mermaid.esm.min; \
+	rm -rf _static/mermaid && mkdir -p _static/mermaid/chunks; \
+	cp $$tmp/package/dist/mermaid.esm.min.mjs _static/mermaid/; \
+	cp -r $$tmp/package/dist/chunks/mermaid.esm.min _static/mermaid/chunks/; \
+	find _static/mermaid -name '*.map' -delete; \
+	echo "mermaid $(MERMAID_VERSION) from npm into _static/mermaid"
+
+book: venv $(MERMAID)
 	@start=$$(date +%s); \
 	$(MAKE) --no-print-directory execute; \
 	$(JB) . ; \
 	echo "make book: $$(( $$(date +%s) - start )) s, notebook execution included." \
 	     "Open $(CURDIR)/_build/html/index.html"
 
-book-student: execute
+book-student: execute $(MERMAID)
 	@mkdir -p _build/student
 	$(PY) -c "import yaml; c = yaml.safe_load(open('_config.yml')); \
 	c.setdefault('sphinx', {}).setdefault('config', {})['hide_solutions'] = True; \
@@ -95,6 +112,15 @@ student-labs: venv
 
 notebooks: venv
 	$(PY) -m llmcore.book.colab write
+
+# Every page of the built book in headless Chromium (Debian's, installed where missing;
+# playwright drives it): JavaScript errors, raw math, undrawn diagrams, missing
+# images and broken internal links fail.
+check-site: venv
+	@test -f _build/html/index.html || { echo "no _build/html: run make book first" >&2; exit 1; }
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	$(PY) -m llmcore.book.sitecheck _build/html
 
 # ---------------------------------------------------------------- the gpu tier
 # Stops at once without an NVIDIA GPU, before building anything.
