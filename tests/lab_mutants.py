@@ -105,4 +105,24 @@ MUTANTS = {
              "outputs[(s, i)].sum().backward()"),                # wrong upstream grad
             ("total += loss.item()", "total = loss.item()")],
     },
+    "08-kv-cache": {
+        1: [("query_pos = torch.arange(past, s).unsqueeze(1)",
+             "query_pos = torch.arange(t_new).unsqueeze(1)"),    # offset forgotten
+            ("torch.arange(s).unsqueeze(0) <= query_pos",
+             "torch.arange(s).unsqueeze(0) < query_pos"),        # off by one
+            (" / math.sqrt(q.shape[-1])", "")],                  # missing scale
+        2: [("torch.cat([self.k, k], dim=-2)", "torch.cat([self.k, k], dim=-1)"),
+            ("self.v = torch.cat([self.v, v], dim=-2)", "self.v = v"),
+            ("return 0 if self.k is None else self.k.shape[-2]",
+             "return 0 if self.k is None else self.k.shape[0]")],
+        3: [("logits, _ = model(fresh, kv_caches=caches)",
+             "logits, _ = model(out, kv_caches=caches)"),        # prefix fed again
+            ("logits[:, -1].argmax(dim=-1, keepdim=True)",
+             "logits[:, 0].argmax(dim=-1, keepdim=True)"),
+            ("logits, _ = model(fresh, kv_caches=caches)",
+             "logits, _ = model(fresh)")],                       # cache not used
+        4: [("return 2 * n_layer", "return n_layer"),            # keys only
+            ("2 * n_layer * batch * seq_len", "2 * batch * seq_len"),
+            ("* n_embd * bytes_per_value", "* n_embd * 4")],
+    },
 }
