@@ -4,7 +4,9 @@ import pytest
 
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.accounting import gpt_param_count, zero_state_bytes
-from llmcore.parallel.costmodel import Plan, bubble_fraction, estimate, pp_payload
+from llmcore.parallel.activations import activation_bytes
+from llmcore.parallel.costmodel import (Plan, bubble_fraction, estimate,
+                                        memory_per_rank, pp_payload)
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -36,3 +38,18 @@ def test_estimate_shrinks_memory_with_sharding():
     assert base["wire_bytes"]["tp"] == 0 and hybrid["wire_bytes"]["tp"] > 0
     with pytest.raises(ValueError, match="zero"):
         Plan(zero=5)
+
+
+def test_memory_per_rank_adds_activations_that_tp_and_checkpointing_shrink():
+    cfg = GPTConfig(vocab_size=32000, block_size=2048, n_layer=32, n_head=32,
+                    n_embd=4096)
+    dp = memory_per_rank(cfg, Plan(dp=8), batch=8, seq=2048)
+    assert dp["state"] == estimate(cfg, Plan(dp=8), 8, 2048)["state_bytes"]
+    assert dp["activations"] == activation_bytes(cfg, 1, 2048, 2)
+    tp = memory_per_rank(cfg, Plan(dp=4, tp=2), batch=8, seq=2048)
+    assert dp["activations"] < tp["activations"] < 2 * dp["activations"]
+    ckpt = memory_per_rank(cfg, Plan(dp=8), batch=8, seq=2048, checkpoint_every=1)
+    assert ckpt["activations"] == 32 * 2048 * 4096 * 2  # each block's input only
+    pp = memory_per_rank(cfg, Plan(dp=2, pp=4, micro_batches=4), batch=8, seq=2048)
+    assert pp["activations"] == 4 * activation_bytes(
+        GPTConfig(32000, 2048, 8, 32, 4096), 1, 2048, 2)  # 4 micro-batches in flight

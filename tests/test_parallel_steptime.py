@@ -32,7 +32,7 @@ def test_fits_recover_the_constants_they_were_made_from():
     fitted = fit_link("all_gather", points, 2)
     assert fitted.alpha == pytest.approx(2e-4, rel=1e-6)
     assert fitted.bandwidth == pytest.approx(3e8, rel=1e-6)
-    fit = fit_compute(0.02 + 1e9 / 5e9, 0.02 + 4e9 / 5e9, 1e9, 4e9)
+    fit = fit_compute([(f, 0.02 + f / 5e9) for f in (1e9, 2e9, 4e9)])
     assert fit["flops"] == pytest.approx(5e9) and fit["fixed_s"] == pytest.approx(0.02)
 
 

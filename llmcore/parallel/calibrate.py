@@ -1,14 +1,16 @@
 """Measure the constants of the step-time model on the machine it runs on.
 
 * :func:`sweep_worker` times each collective over a few message sizes (run it on
-  every rank with :func:`llmcore.parallel.launch`); :func:`fit_link` fits
+  every rank with :func:`llmcore.parallel.launch`; :func:`sweep_steps` gives the
+  closures to time along with other work); :func:`fit_link` fits
   ``t = steps * alpha + wire_bytes / bandwidth`` to the points by least squares.
-* :func:`fit_compute` splits the time of a training step at two batch sizes into a
+* :func:`fit_compute` splits the time of a training step at several batch sizes into a
   fixed part and a part proportional to the FLOPs: ``t = fixed + flops / rate``.
 
 Timings are medians over repetitions after warm-up, with a barrier before each
-repetition so that every rank starts together: a shared machine is noisy, and one
-slow repetition must not decide the constant.
+repetition so that every rank starts together, and functions timed in turns
+(:func:`median_times`): a shared machine is noisy, one slow repetition must not
+decide a constant, and a load that drifts must touch every measurement alike.
 """
 
 from __future__ import annotations
@@ -22,22 +24,6 @@ import torch.distributed as dist
 
 from llmcore.parallel.comm import wire_bytes
 from llmcore.parallel.steptime import OPS, Link, ring_steps
-
-
-def median_time(fn: Callable[[], object], reps: int, warmup: int = 2,
-                barrier: bool = True) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    if reps < 1:
-        raise ValueError(f"reps must be >= 1, got {reps}")
-    times = []
-    for i in range(warmup + reps):
-        if barrier and dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _collective(op: str, numel: int, rank: int, world: int) -> Callable[[], object]:
@@ -65,21 +51,28 @@ def _collective(op: str, numel: int, rank: int, world: int) -> Callable[[], obje
     return send_recv
 
 
-def sweep_worker(rank: int, world_size: int, sizes: tuple[int, ...] = (
-        2**10, 2**14, 2**17, 2**20), reps: int = 7) -> dict:
-    """Seconds per call of every collective, by payload in bytes (fp32 messages).
+SIZES = (2**10, 2**14, 2**17, 2**20)  # fp32 values per message in a sweep
 
-    A send is timed as a round trip (there and back) and halved.
-    """
-    out = {}
-    for op in OPS:
-        points = []
-        for numel in sizes:
-            t = median_time(_collective(op, numel, rank, world_size), reps)
-            t = t / 2 if op == "send" else t
-            points.append((4 * (numel - numel % world_size), t))
-        out[op] = points
+
+def sweep_steps(rank: int, world_size: int, sizes=SIZES) -> dict:
+    """``{(op, payload bytes): closure}``: one call of each collective and size."""
+    return {(op, 4 * (n - n % world_size)): _collective(op, n, rank, world_size)
+            for op in OPS for n in sizes}
+
+
+def sweep_points(times: dict) -> dict:
+    """``{op: [(payload bytes, seconds per call)]}`` from the times of
+    :func:`sweep_steps`' closures; a send was timed there and back, so halved."""
+    out: dict[str, list] = {op: [] for op in OPS}
+    for (op, nbytes), t in sorted(times.items()):
+        out[op].append((nbytes, t / 2 if op == "send" else t))
     return out
+
+
+def sweep_worker(rank: int, world_size: int, sizes: tuple[int, ...] = SIZES,
+                 reps: int = 7) -> dict:
+    """Seconds per call of every collective, by payload in bytes (fp32 messages)."""
+    return sweep_points(median_times(sweep_steps(rank, world_size, sizes), reps))
 
 
 def fit_link(op: str, points: list[tuple[float, float]], n: int) -> Link:
@@ -97,8 +90,7 @@ def fit_link(op: str, points: list[tuple[float, float]], n: int) -> Link:
                 bandwidth=1 / slope)
 
 
-def median_times(fns: dict[str, Callable[[], object]], reps: int,
-                 warmup: int = 2) -> dict[str, float]:
+def median_times(fns: dict, reps: int, warmup: int = 2) -> dict:
     """Median seconds of each function, timed in turns (one call of each per round):
     a machine whose load drifts slows every function alike, not the last ones."""
     times: dict[str, list[float]] = {k: [] for k in fns}
@@ -113,12 +105,19 @@ def median_times(fns: dict[str, Callable[[], object]], reps: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def fit_compute(t_small: float, t_big: float, f_small: float, f_big: float) -> dict:
-    """Split a step's seconds into ``fixed + flops / rate`` from the times of two
-    batch sizes with ``f_small`` < ``f_big`` FLOPs."""
-    if not 0 < f_small < f_big:
-        raise ValueError(f"need 0 < f_small < f_big, got {f_small}, {f_big}")
-    if t_big <= t_small:  # noise hid the growth: all of it proportional to FLOPs
-        return {"flops": f_big / t_big, "fixed_s": 0.0}
-    rate = (f_big - f_small) / (t_big - t_small)
-    return {"flops": rate, "fixed_s": max(t_big - f_big / rate, 0.0)}
+def fit_compute(points: list[tuple[float, float]]) -> dict:
+    """Split a step's seconds into ``fixed + flops / rate`` by least squares over
+    (FLOPs, seconds) points of several batch sizes."""
+    if len({f for f, _ in points}) < 2:
+        raise ValueError("fit_compute needs points of at least 2 different sizes")
+    xs, ys = [f for f, _ in points], [t for _, t in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum(
+        (x - mx) ** 2 for x in xs)
+    if slope <= 0:  # noise hid the growth: all of it proportional to FLOPs
+        return {"flops": sum(xs) / sum(ys), "fixed_s": 0.0}
+    fixed = my - slope * mx
+    if fixed < 0:  # a fixed part cannot be negative: a line through the origin
+        slope = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs)
+        fixed = 0.0
+    return {"flops": 1 / slope, "fixed_s": fixed}

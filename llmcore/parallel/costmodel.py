@@ -14,10 +14,11 @@ Closed-form counts for a GPT (``llmcore.models.gpt.GPTConfig``) trained with Ada
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llmcore.accounting import gpt_param_count, zero_state_bytes
 from llmcore.config import check_positive
+from llmcore.parallel.activations import activation_bytes
 from llmcore.parallel.comm import wire_bytes
 
 
@@ -117,3 +118,17 @@ def estimate(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2) -> dict:
     }
     return {"params": n, "state_bytes": state, "wire_bytes": wire,
             "bubble": bubble_fraction(plan.pp, plan.micro_batches)}
+
+
+def memory_per_rank(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2,
+                    checkpoint_every: int = 0) -> dict:
+    """Bytes per rank: training state (mixed-precision Adam, sharded by the plan) and
+    the activations of the micro-batches in flight (1F1B holds up to ``pp`` on its
+    first stage), with tensor parallelism splitting what lies between its matmuls."""
+    state = estimate(cfg, plan, batch, seq, act_bytes)["state_bytes"]
+    micro = batch // (plan.dp * plan.micro_batches)
+    local = replace(cfg, n_layer=max(1, cfg.n_layer // plan.pp))
+    in_flight = min(plan.pp, plan.micro_batches) if plan.pp > 1 else 1
+    acts = in_flight * activation_bytes(local, micro, seq, act_bytes, checkpoint_every,
+                                        tp=plan.tp)
+    return {"state": state, "activations": acts, "total": state + acts}

@@ -20,7 +20,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from llmcore.config import check_positive
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.calibrate import (fit_compute, fit_link, median_times,
-                                        sweep_worker)
+                                        sweep_points, sweep_steps)
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.costmodel import Plan
 from llmcore.parallel.data_parallel import BucketedDataParallel
@@ -110,10 +110,9 @@ def plans_worker(rank: int, world_size: int, bc: BenchConfig, names: list) -> di
 
 def calibrate_worker(rank: int, world_size: int, bc: BenchConfig,
                      names: list) -> dict:
-    """Calibration (collectives, then compute and Adam with every rank busy at once,
-    as in a run) and the step time of the plans in ``names``, timed in the same
-    rounds as the compute calibration."""
-    sweep = sweep_worker(rank, world_size)
+    """Calibration (collectives, compute at three batch sizes with every rank busy
+    at once as in a run, Adam) and the step time of the plans in ``names``, all
+    timed in the same rounds, so that a drifting load touches all alike."""
     x, y = _batch(bc)
     torch.manual_seed(0)
     model = GPT(bc.model)
@@ -126,14 +125,17 @@ def calibrate_worker(rank: int, world_size: int, bc: BenchConfig,
             model(x[:b], y[:b])[1].backward()
         return step
 
-    small, big = bc.batch // 4, bc.batch
-    steps = {"small": compute(small), "big": compute(big), "adam": opt.step}
+    sizes = (bc.batch // 4, bc.batch // 2, bc.batch)
+    steps = {("compute", b): compute(b) for b in sizes}
+    steps.update(sweep_steps(rank, world_size))
     steps.update({name: _plan_step(name, PLANS[name][1], bc, x, y) for name in names})
+    steps["adam"] = opt.step
     t = median_times(steps, bc.reps, bc.warmup)
     seq = bc.model.block_size
-    fit = fit_compute(t["small"], t["big"], train_flops(bc.model, small, seq),
-                      train_flops(bc.model, big, seq))
-    return {"sweep": sweep, "compute": fit | {"t_small": t["small"], "t_big": t["big"]},
+    points = [(train_flops(bc.model, b, seq), t["compute", b]) for b in sizes]
+    sweep = sweep_points({k: v for k, v in t.items()
+                          if isinstance(k, tuple) and k[0] != "compute"})
+    return {"sweep": sweep, "compute": fit_compute(points) | {"points": points},
             "adam_s_per_param": t["adam"] / sum(p.numel() for p in params),
             "n_tensors": len(params), "measured": {n: t[n] for n in names}}
 
