@@ -31,6 +31,7 @@ await mermaid.run({querySelector: '.mermaid'});
 </script></head><body><main>"""
 GOOD = (HEAD + '<p>Energy <span class="math">\\(E = mc^2\\)</span>.</p>'
         '<pre class="mermaid">flowchart LR\n  a --> b</pre>'
+        '<pre>re.compile(r"\\(a\\)")  # $$ in code is not math</pre>'
         '<img src="fig.png"><a href="other.html#there">other</a>'
         '<a href="https://example.org/">outside</a></main></body></html>')
 FAULTS = {

@@ -2,9 +2,10 @@
 
 A page fails on a JavaScript error (or a failed or network request: the book must
 read offline, so nothing may load from outside the site), unrendered math (raw ``$$``
-or ``\\(`` in the visible text, or a math element without MathJax output), a diagram
-that mermaid did not turn into an SVG (or turned into its error picture), an image
-that did not load, or an internal link to a missing page or anchor.
+or ``\\(`` in the prose, code and outputs aside, or a math element without MathJax
+output), a diagram that mermaid did not turn into an SVG (or turned into its error
+picture), an image that did not load, or an internal link to a missing page or
+anchor.
 
 The site is served from a local HTTP server, as a reader serves a downloaded copy
 (``python -m http.server -d _build/html``): browsers refuse ES modules, which mermaid
@@ -41,9 +42,12 @@ INSPECT = """async () => {
     await new Promise(r => setTimeout(r, 100));
   // mermaid may draw a diagram in steps: let it settle before judging it.
   await new Promise(r => setTimeout(r, 500));
-  const main = document.querySelector('main') || document.body;
+  // The prose as a reader sees it: code, outputs and typeset math left out.
+  const prose = (document.querySelector('main') || document.body).cloneNode(true);
+  prose.querySelectorAll('pre, code, .highlight, .output, .cell_output, script, ' +
+                         'style, mjx-container').forEach(e => e.remove());
   return {
-    text: main.innerText,
+    text: prose.textContent,
     math: document.querySelectorAll('.math').length,
     unrendered: [...document.querySelectorAll('.math')]
         .filter(e => !e.querySelector('mjx-container') &&
