@@ -17,8 +17,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("book", "labs")
 # ```{literalinclude} PATH  (or :::{literalinclude}), then its :option: lines
-DIRECTIVE = re.compile(r"^[`:]{3,}\{literalinclude\}\s+(\S+)\s*\n((?:\s*:[\w-]+:.*\n)*)",
-                       re.MULTILINE)
+DIRECTIVE = re.compile(
+    r"^[`:]{3,}\{literalinclude\}\s+(\S+)\s*\n((?:\s*:[\w-]+:.*\n)*)", re.MULTILINE)
 
 
 def listings(root: Path = ROOT) -> list[tuple[Path, str, str | None]]:
@@ -55,7 +55,8 @@ def test_the_book_has_listings():
 
 
 @pytest.mark.parametrize("page, include, pyobject", LISTINGS,
-                         ids=[f"{p.name}:{i.split('/')[-1]}:{o}" for p, i, o in LISTINGS])
+                         ids=[f"{p.name}:{i.split('/')[-1]}:{o}"
+                              for p, i, o in LISTINGS])
 def test_listing_target_exists(page, include, pyobject):
     target = (page.parent / include).resolve()
     assert target.is_file(), f"{page.name}: literalinclude {include} does not exist"

@@ -153,7 +153,8 @@ def test_setup_on_a_fake_gpu_exposes_caps_and_precision(monkeypatch, capsys):
 def test_cpu_and_mps_have_no_tensor_core_formats(monkeypatch):
     caps = runtime.device_caps("cpu")
     assert caps.type == "cpu" and caps.capability is None and caps.total_memory == 0
-    assert not (caps.fp16_tensor_cores or caps.bf16_tensor_cores or caps.fp8_tensor_cores)
+    assert not (caps.fp16_tensor_cores or caps.bf16_tensor_cores
+                or caps.fp8_tensor_cores)
     assert runtime.default_precision(caps) == "fp32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)

@@ -67,7 +67,7 @@ def provenance(res: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m llmcore.bench results [PATTERN]``: list the results and their origin."""
+    """``python -m llmcore.bench results [PATTERN]``: the results and their origin."""
     pattern = argv[0] if argv else "*"
     found = load_all(pattern, include_dry_runs=True)
     for res in found:

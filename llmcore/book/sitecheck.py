@@ -143,7 +143,8 @@ def check_page(page, url: str, path: Path, root: Path, ids: dict) -> list[str]:
         errors.append(f"{seen['undrawn']} diagrams not drawn, "
                       f"{seen['diagram_errors']} drawn as mermaid errors")
     errors += [f"image not loaded: {src}" for src in seen["broken_images"]]
-    errors += [p for href in seen["links"] if (p := link_problem(root, path, href, ids))]
+    errors += [p for href in seen["links"]
+               if (p := link_problem(root, path, href, ids))]
     return errors
 
 
