@@ -125,4 +125,20 @@ MUTANTS = {
             ("2 * n_layer * batch * seq_len", "2 * batch * seq_len"),
             ("* n_embd * bytes_per_value", "* n_embd * 4")],
     },
+    "09-fp8-matmul": {
+        1: [("return (a8.float() @ b8.float().t()) / (sa * sb)",
+             "return (a8.float() @ b8.float().t()) / sa"),        # one scale undone
+            ("return (a8.float() @ b8.float().t()) / (sa * sb)",
+             "return (a8.float() @ b8.float().t()) * (sa * sb)"),
+            ("b8, sb = quantize(b_t, E4M3)", "b8, sb = quantize(b_t, E5M2)")],
+        2: [("g8, sg = quantize(gy, E5M2)", "g8, sg = quantize(gy, E4M3)"),
+            ("grad_x = (g8.float() @ w8.float()) / (sg * sw)",
+             "grad_x = (g8.float() @ w8.float()) / sw"),
+            ("grad_w = (g8.float().t() @ x8.float()) / (sg * sx)",
+             "grad_w = (g8.float().t() @ x8.float()) / (sg * sw)")],
+        3: [("return (x.float() * scale).clamp(-fmax, fmax).to(dtype)",
+             "return (x.float() * scale).to(dtype)"),             # no saturation
+            ("fmax = torch.finfo(dtype).max", "fmax = 448.0"),    # e4m3's max for all
+            ("(x.float() * scale)", "(x.float() / scale)")],
+    },
 }
