@@ -33,6 +33,11 @@ NBVAL := --nbval-lax --nbval-current-env --nbval-cell-timeout=$(CELL_TIMEOUT) \
          --nb-cache $(CACHE)
 XDIST := -n $(JOBS) --dist loadfile
 JB := $(VENV)/bin/jupyter-book build --all -W -n --keep-going
+# The mermaid library from its npm package, served from the site (no CDN); `make test`
+# fetches it too, for the browser check's own test. The version is also in
+# _config.yml (mermaid_version).
+MERMAID_VERSION := 12.3.0
+MERMAID := _static/mermaid/mermaid.esm.min.mjs
 
 .PHONY: help venv test execute book book-student notebooks student-labs lock clean \
         test-gpu gpu-wheels check-site
@@ -59,7 +64,7 @@ $(VENV)/.installed: requirements.txt constraints.txt pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3" >/dev/null
 	touch $@
 
-test: venv
+test: venv $(MERMAID)
 	@mkdir -p $(REPORTS); start=$$(date +%s); status=0; \
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest $(XDIST) $(NBVAL) --nb-times $(REPORTS)/notebook-times.json \
 	    tests book labs || status=$$?; \
@@ -73,11 +78,6 @@ execute: venv
 	OMP_NUM_THREADS=$(THREADS) $(PY) -m pytest -q $(XDIST) $(NBVAL) --nb-missing-only \
 	    --nb-times $(REPORTS)/book-notebook-times.json book labs || status=$$?; \
 	if [ $$status -ne 0 ] && [ $$status -ne 5 ]; then exit $$status; fi
-
-# The mermaid library from its npm package, served from the site (no CDN). The version
-# is also in _config.yml (mermaid_version).
-MERMAID_VERSION := 12.3.0
-MERMAID := _static/mermaid/mermaid.esm.min.mjs
 
 $(MERMAID): Makefile
 	@command -v npm >/dev/null || { apt-get update -qq && apt-get install -y -qq npm; }
