@@ -54,13 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(BenchConfig(reps=args.reps), four=not args.no_four)
     result.update({
-        "hardware": hardware(), "backend": "gloo", "torch": torch.__version__,
+        "device": hardware(), "backend": "gloo", "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")})
     for row in result["plans"]:
+        naive = (f"; {row['predicted_from_two_s'] * 1e3:.1f} ms from two processes "
+                 f"and cores ({row['error_from_two']:+.0%})"
+                 if "predicted_from_two_s" in row else "")
         print(f"{row['plan']:8s} {row['processes']} processes: predicted "
               f"{row['predicted_s'] * 1e3:7.1f} ms, measured "
-              f"{row['measured_s'] * 1e3:7.1f} ms ({row['error']:+.0%})")
+              f"{row['measured_s'] * 1e3:7.1f} ms ({row['error']:+.0%}){naive}")
     out = Path(args.out) / "parallel-cpu.json"
     with atomic_write(out, "w") as f:
         json.dump(result, f, indent=1)

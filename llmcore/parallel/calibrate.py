@@ -51,7 +51,7 @@ def _collective(op: str, numel: int, rank: int, world: int) -> Callable[[], obje
     return send_recv
 
 
-SIZES = (2**10, 2**14, 2**17, 2**20)  # fp32 values per message in a sweep
+SIZES = (2**10, 2**15, 2**20)  # fp32 values per message in a sweep
 
 
 def sweep_steps(rank: int, world_size: int, sizes=SIZES) -> dict:

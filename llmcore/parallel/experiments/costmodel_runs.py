@@ -114,16 +114,21 @@ def calibrate_worker(rank: int, world_size: int, bc: BenchConfig,
     at once as in a run, Adam) and the step time of the plans in ``names``, all
     timed in the same rounds, so that a drifting load touches all alike."""
     x, y = _batch(bc)
-    torch.manual_seed(0)
-    model = GPT(bc.model)
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-4)
 
-    def compute(b):
+    def compute(b):  # a model of its own per size, like each plan
+        torch.manual_seed(0)
+        model = GPT(bc.model)
+
         def step():
             model.zero_grad(set_to_none=True)
             model(x[:b], y[:b])[1].backward()
         return step
+
+    torch.manual_seed(0)
+    params = list(GPT(bc.model).parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4)
 
     sizes = (bc.batch // 4, bc.batch // 2, bc.batch)
     steps = {("compute", b): compute(b) for b in sizes}
@@ -159,27 +164,37 @@ def predict(bc: BenchConfig, cluster: Cluster, name: str, n_tensors: int) -> dic
 
 def run(bc: BenchConfig = BenchConfig(), four: bool = True,
         names: tuple = tuple(PLANS)) -> dict:
-    """Calibrate, measure and predict the plans ``names``; the results file's rows."""
+    """Calibrate, measure and predict the plans ``names``; the results file's rows.
+
+    Each launch calibrates in its own rounds. A four-process plan gets two
+    predictions: ``predicted_s`` from the four-process calibration (the rate each
+    rank really gets with four busy), and ``predicted_from_two_s`` from the
+    two-process one with the rate divided by processes / cores (the slowdown model,
+    right only when nothing else runs on the machine).
+    """
     unknown = set(names) - set(PLANS)
     if unknown:
         raise ValueError(f"unknown plans {sorted(unknown)}; choose from {list(PLANS)}")
-    two = [n for n in names if PLANS[n][0] == 2]
-    cal = launch(calibrate_worker, 2, bc, two, backend="gloo", threads=1,
-                 wall_timeout=600)
-    measured = dict(cal[0]["measured"])
-    if four:
-        fours = [n for n in names if PLANS[n][0] == 4]
-        measured.update(launch(plans_worker, 4, bc, fours, backend="gloo",
-                               threads=1, wall_timeout=600)[0])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count()
-    cluster = cluster_from(cal[0], cores)
-    rows = []
-    for name, t in measured.items():
-        parts = predict(bc, cluster, name, cal[0]["n_tensors"])
-        rows.append({"plan": name, "processes": PLANS[name][0],
-                     "predicted_s": parts["total"], "measured_s": t,
-                     "error": parts["total"] / t - 1, "parts": parts})
-    return {"calibration": cal[0] | {"measured": None}, "cores": cores, "plans": rows,
-            "links": {op: vars(lk) for op, lk in cluster.intra.items()},
-            "device": vars(cluster.device)}
+    cals, rows = {}, []
+    for world in (2, 4) if four else (2,):
+        mine = [n for n in names if PLANS[n][0] == world]
+        cals[world] = cal = launch(calibrate_worker, world, bc, mine, backend="gloo",
+                                   threads=1, wall_timeout=600)[0]
+        cluster = cluster_from(cal, 0, world)  # the measured rate: no slowdown
+        for name in mine:
+            t = cal["measured"][name]
+            parts = predict(bc, cluster, name, cal["n_tensors"])
+            row = {"plan": name, "processes": world, "predicted_s": parts["total"],
+                   "measured_s": t, "error": parts["total"] / t - 1, "parts": parts}
+            if world > 2:
+                naive = predict(bc, cluster_from(cals[2], cores), name,
+                                cal["n_tensors"])["total"]
+                row |= {"predicted_from_two_s": naive, "error_from_two": naive / t - 1}
+            rows.append(row)
+    two = cluster_from(cals[2], cores)
+    return {"calibration": {w: c | {"measured": None} for w, c in cals.items()},
+            "cores": cores, "plans": rows,
+            "links": {op: vars(lk) for op, lk in two.intra.items()},
+            "calibrated": vars(two.device)}
