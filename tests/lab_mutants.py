@@ -141,4 +141,19 @@ MUTANTS = {
             ("fmax = torch.finfo(dtype).max", "fmax = 448.0"),    # e4m3's max for all
             ("(x.float() * scale)", "(x.float() / scale)")],
     },
+    "10-mixed-precision-loop": {
+        1: [("            p.copy_(m)\n", "            pass\n"),        # never copied back
+            ("m -= self.lr * p.grad.float()", "p -= self.lr * p.grad"),   # no master
+            ("m -= self.lr * p.grad.float()", "m += self.lr * p.grad.float()")],
+        2: [("FP16_MAX / amax", "448.0 / amax"),                 # e4m3's maximum
+            ("    return 2.0 ** k\n", "    return 2.0 ** (k - 1)\n"),
+            ("        return 1.0\n", "        return 0.0\n")],
+        3: [("    scaler.unscale_(opt)\n    torch.nn.utils.clip_grad_norm_("
+             "model.parameters(), max_norm)\n",
+             "    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)\n"
+             "    scaler.unscale_(opt)\n"),                       # clips scaled grads
+            ("    scaler.update()\n", ""),                          # scale never moves
+            ("    opt.zero_grad(set_to_none=True)\n", ""),          # grads accumulate
+            ("scaler.scale(loss).backward()", "loss.backward()")],
+    },
 }
