@@ -73,9 +73,7 @@ def activation_bytes(cfg, batch: int, seq: int, dtype_bytes: float = 2,
                                  dropout=cfg.dropout > 0)
     c, s = cfg.n_embd, dtype_bytes
     split = 12 * c * s + 4 * cfg.n_head if cfg.dropout == 0 else 0.0
-    per = per - split + split / tp
-    if sequence_parallel:
-        per = per / tp
+    per = per / tp if sequence_parallel else per - split + split / tp
     kept = cfg.n_layer if not checkpoint_every else cfg.n_layer - len(
         range(0, cfg.n_layer, checkpoint_every))
     held = cfg.n_layer - kept  # checkpointed blocks: their input only

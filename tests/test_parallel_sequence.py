@@ -1,0 +1,51 @@
+"""Sequence parallelism by hand: one block on 2 processes equals one device, in
+outputs and gradients, and keeps 1/n of the activations (the formula)."""
+
+import copy
+
+import pytest
+import torch
+
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel import launch
+from llmcore.parallel.activations import activation_bytes, saved_bytes
+from llmcore.parallel.sequence_parallel import SequenceParallelBlock
+
+CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32)
+
+
+def sp_block(rank, world_size):
+    torch.manual_seed(0)
+    block = GPT(CFG).blocks[0]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 32, generator=g)
+    w = torch.randn(2, 16, 32, generator=g)  # a loss that weighs every output
+    ref_x = x.clone().requires_grad_()
+    ref = block(ref_x)
+    (ref * w).sum().backward()
+    sp = SequenceParallelBlock(copy.deepcopy(block))
+    mine = x.chunk(world_size, 1)[rank].clone().requires_grad_()
+    nbytes, out = saved_bytes(sp, mine, exclude=list(sp.parameters()))
+    (out * w.chunk(world_size, 1)[rank]).sum().backward()
+    sp.sync_grads()
+    attn = block.self_attn
+    q, k, v = attn.qkv_proj.weight.grad.chunk(3, 0)
+    qkv = torch.cat([t.chunk(world_size, 0)[rank] for t in (q, k, v)])
+    grads = {"qkv": (sp.qkv.grad, qkv),
+             "fc1": (sp.fc1.grad, block.ffn.linear1.weight.grad.chunk(world_size)[rank]),
+             "fc2": (sp.fc2.grad,
+                     block.ffn.linear2.weight.grad.t().chunk(world_size)[rank]),
+             "norm1": (sp.norm1.weight.grad, block.norm1.weight.grad),
+             "x": (mine.grad, ref_x.grad.chunk(world_size, 1)[rank]),
+             "out": (out.detach(), ref.detach().chunk(world_size, 1)[rank])}
+    return {"gaps": {k: (a - b).abs().max().item() for k, (a, b) in grads.items()},
+            "saved": nbytes}
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_block_matches_one_device_and_the_formula():
+    for r in launch(sp_block, 2):
+        assert max(r["gaps"].values()) < 1e-5, r["gaps"]
+        assert r["saved"] == activation_bytes(CFG, 2, 16, 4, tp=2,
+                                              sequence_parallel=True)
+        assert r["saved"] < activation_bytes(CFG, 2, 16, 4, tp=2)  # TP alone keeps more
