@@ -156,4 +156,21 @@ MUTANTS = {
             ("    opt.zero_grad(set_to_none=True)\n", ""),          # grads accumulate
             ("scaler.scale(loss).backward()", "loss.backward()")],
     },
+    "11-zero-by-hand": {
+        1: [("end = start + base + (1 if rank < extra else 0)",
+             "end = start + base"),                              # remainder lost
+            ("(1 if rank < extra else 0)", "(1 if rank <= extra else 0)"),
+            ("(1 if rank < extra else 0)", "(1 if rank >= world - extra else 0)")],
+        2: [(" / world for s, e in bounds]", " for s, e in bounds]"),   # a sum
+            ("sum(gr[s:e] for gr in flat_grads) / world", "flat_grads[0][s:e]")],
+        3: [("        for model in self.models:\n"
+             "            vector_to_parameters(full, model.parameters())",
+             "        vector_to_parameters(full, self.models[0].parameters())"),
+            ("reduce_scatter_mean(flat_grads, self.bounds)",
+             "reduce_scatter_mean(flat_grads[:1], self.bounds)")],  # no communication
+        4: [("    if stage >= 2:\n        grads /= world\n", ""),
+            ("4 * n_params, 4 * n_params, 8 * n_params",
+             "4 * n_params, 4 * n_params, 4 * n_params"),          # one moment
+            ("        adam /= world\n", "        adam /= world\n        weights /= world\n")],
+    },
 }
