@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from llmcore.bench.mfu import gpt_flops_per_token, measure_peak_flops, mfu
+from llmcore.bench.results import slug
 from llmcore.config import Tiered
 from llmcore.data import get_batch, load_corpus
 from llmcore.io import atomic_write
@@ -79,6 +80,19 @@ PRESETS = Tiered(
 # A 1.3B GPT (24 layers, width 2048): where FP8 matmuls are large enough to pay.
 BIG = SpeedPreset(GPTConfig(50304, 1024, 24, 16, 2048), batch_size=8, steps=20,
                   warmup=10)
+
+
+def cpu_model() -> str:
+    """The processor's name and core count, e.g. 'AMD EPYC 7B13, 2 cores'."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
 
 
 def skip_reason(rung: Rung, device: torch.device) -> str | None:
@@ -224,13 +238,19 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(llmcore_step_ms(args.worker)))
         return 0
     rt = setup(seed=0)
-    path = Path(args.out) / f"speed-{rt.tier}.json"
+    cuda = rt.device.type == "cuda"
+    name = slug(device_name(rt.device)) if cuda else "cpu"
+    path = Path(args.out) / f"speed-{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({
         "benchmark": "speed", "tier": rt.tier, "device": device_name(rt.device),
-        "hardware": rt.caps.describe(), "machine": platform.machine(),
-        "torch": torch.__version__, "date": datetime.datetime.now(
-            datetime.timezone.utc).isoformat(timespec="seconds")})
+        "hardware": rt.caps.describe() if cuda else cpu_model(),
+        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+        "capability": rt.caps.capability, "load_average": os.getloadavg()[0],
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")})
+    if cuda:
+        result["gpu"] = device_name(rt.device)
     if not args.no_ladder:
         preset = rt.pick(PRESETS)
         precision = "bf16" if rt.device.type == "cuda" else "fp32"
