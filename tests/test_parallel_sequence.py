@@ -1,14 +1,21 @@
 """Sequence parallelism by hand: one block on 2 processes equals one device, in
-outputs and gradients, and keeps 1/n of the activations (the formula)."""
+outputs and gradients, keeps 1/n of the activations (the formula), and matches
+DTensor's SequenceParallel plan."""
 
 import copy
 
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch
 from llmcore.parallel.activations import activation_bytes, saved_bytes
+from llmcore.parallel.native import unfuse_qkv
 from llmcore.parallel.sequence_parallel import SequenceParallelBlock
 
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32)
@@ -32,7 +39,8 @@ def sp_block(rank, world_size):
     q, k, v = attn.qkv_proj.weight.grad.chunk(3, 0)
     qkv = torch.cat([t.chunk(world_size, 0)[rank] for t in (q, k, v)])
     grads = {"qkv": (sp.qkv.grad, qkv),
-             "fc1": (sp.fc1.grad, block.ffn.linear1.weight.grad.chunk(world_size)[rank]),
+             "fc1": (sp.fc1.grad,
+                     block.ffn.linear1.weight.grad.chunk(world_size)[rank]),
              "fc2": (sp.fc2.grad,
                      block.ffn.linear2.weight.grad.t().chunk(world_size)[rank]),
              "norm1": (sp.norm1.weight.grad, block.norm1.weight.grad),
@@ -49,3 +57,40 @@ def test_sequence_parallel_block_matches_one_device_and_the_formula():
         assert r["saved"] == activation_bytes(CFG, 2, 16, 4, tp=2,
                                               sequence_parallel=True)
         assert r["saved"] < activation_bytes(CFG, 2, 16, 4, tp=2)  # TP alone keeps more
+
+
+def against_dtensor(rank, world_size):
+    """Our block against DTensor's SequenceParallel plan on the same weights: the
+    largest difference of the outputs and of the input gradients."""
+    torch.manual_seed(0)
+    block = GPT(CFG).blocks[0]
+    mine = SequenceParallelBlock(copy.deepcopy(block))
+    theirs = copy.deepcopy(block)
+    theirs.self_attn = unfuse_qkv(theirs.self_attn)
+    shard = (PrepareModuleInput(input_layouts=(Shard(1),),
+                                desired_input_layouts=(Replicate(),)))
+    plan = {"norm1": SequenceParallel(), "norm2": SequenceParallel(),
+            "self_attn": shard, "ffn": copy.deepcopy(shard),
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.out_proj": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn.linear1": ColwiseParallel(),
+            "ffn.linear2": RowwiseParallel(output_layouts=Shard(1))}
+    parallelize_module(theirs, init_device_mesh("cpu", (world_size,)), plan)
+    x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for model in (mine, theirs):
+        xs = x.chunk(world_size, 1)[rank].clone().requires_grad_()
+        out = model(xs)
+        out = out.to_local() if isinstance(out, DTensor) else out
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append(xs.grad)
+    return max((outs[0] - outs[1]).abs().max().item(),
+               (grads[0] - grads[1]).abs().max().item())
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_block_matches_dtensor_sequence_parallel():
+    assert max(launch(against_dtensor, 2)) < 1e-5
