@@ -184,3 +184,19 @@ def test_fit_memory_picks_the_largest_preset_the_device_holds(monkeypatch):
     rt = runtime.setup(quiet=True, tier="gpu")
     assert rt.fit({16: "small", 40: "medium", 80: "large"}) == "medium"  # 80 > 72
     assert runtime.setup(quiet=True, tier="cpu").fit(options) == "small"
+
+
+@pytest.mark.gpu
+def test_caps_of_the_real_gpu_match_torch():
+    caps = runtime.device_caps("cuda")
+    props = torch.cuda.get_device_properties(0)
+    assert caps.capability == torch.cuda.get_device_capability(0)
+    assert caps.total_memory == props.total_memory > 0 and caps.multiprocessors > 0
+    # bf16 where the hardware says it is supported natively (sm80+)
+    assert caps.bf16_tensor_cores == (caps.capability >= (8, 0))
+    rt = runtime.setup(quiet=True, tier="gpu")
+    assert rt.tier == "gpu" and rt.precision in ("bf16", "fp16")
+    x = torch.randn(64, 64, device=rt.device)
+    with torch.autocast("cuda", dtype=torch.bfloat16 if rt.precision == "bf16"
+                        else torch.float16):
+        assert (x @ x).dtype in (torch.bfloat16, torch.float16)
