@@ -5,7 +5,8 @@ default, the length of a short GPU slot):
 
 1. the unit tests marked ``gpu`` (``pytest -m gpu``);
 2. every notebook of the book and the labs at ``LLMCORE_TIER=gpu`` under nbval, several
-   kernels at once sharing the GPU (``--jobs``);
+   kernels at once sharing the GPU (``--jobs``: one per 16 GiB, the budget every
+   gpu-tier page is checked against, at most 8);
 3. the benchmarks (``python -m llmcore.bench NAME``), each writing its own JSON.
 
 It writes ``results/gpu-check-<gpu>.json``: per-notebook pass/fail and seconds, the
@@ -32,6 +33,7 @@ import torch
 
 from llmcore.bench.results import results_dir, slug
 from llmcore.book.notebooks import find_root, notebooks
+from llmcore.config import GPU_BUDGET_GB
 from llmcore.runtime import device_caps
 
 BENCHMARKS = ("speed", "fp8", "parallel", "mfu")
@@ -45,14 +47,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=480.0,
                    help="seconds for the whole run (default 480: 8 minutes)")
-    p.add_argument("--jobs", type=int, default=8,
-                   help="notebook kernels running at once on the GPU (default 8)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="notebook kernels at once on the GPU (default: one per "
+                        f"{GPU_BUDGET_GB} GiB of its memory, at most 8)")
     p.add_argument("--cell-timeout", type=int, default=300)
     p.add_argument("--commit", default="unknown", help="the commit under test")
     p.add_argument("--benchmarks", nargs="*", default=list(BENCHMARKS))
     p.add_argument("--root", default=None, help="the book's repository (default: cwd)")
     args = p.parse_args(argv)
-    if args.budget <= 0 or args.jobs < 1:
+    if args.budget <= 0 or (args.jobs is not None and args.jobs < 1):
         p.error("--budget must be > 0 and --jobs >= 1")
     return args
 
@@ -114,10 +117,15 @@ def main(argv: list[str]) -> int:
     out_dir = results_dir(root)
     out_dir.mkdir(exist_ok=True)
     deadline = time.perf_counter() + args.budget
+    # Every gpu-tier page fits GPU_BUDGET_GB (tests/test_gpu_budget.py), so this many
+    # kernels can share the GPU without running out of memory.
+    caps = device_caps("cuda")
+    args.jobs = args.jobs or max(1, min(8, int(caps.memory_gb // GPU_BUDGET_GB)))
     env = dict(os.environ, LLMCORE_TIER="gpu", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
     record = environment(args.commit)
     record["budget_seconds"] = args.budget
+    record["jobs"] = args.jobs
     py = [sys.executable, "-m"]
 
     # 1. Unit tests marked gpu (pytest exit 5: none collected, not a failure).
