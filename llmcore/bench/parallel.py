@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-four", action="store_true",
                         help="skip the four-process plans")
     parser.add_argument("--check", action="store_true",
-                        help=f"exit 1 if a 2-process plan is off by > {TOLERANCE:.0%}")
+                        help=f"exit 1 if a 2-process plan is off by > "
+                        f"{TOLERANCE * 100:.0f}%%")
     args = parser.parse_args(argv)
     result = run(BenchConfig(reps=args.reps), four=not args.no_four)
     result.update({
