@@ -118,3 +118,31 @@ def test_dp_x_tp_on_four_processes_matches_one_process():
             assert loss == pytest.approx(ref_loss, abs=1e-5)
         assert r["weight_gap"] < 1e-5
     assert r["losses"][-1][0] < r["losses"][0][0]  # it trained
+
+
+def mixed_and_checkpointed(rank, world_size):
+    """FSDP2 with bf16 compute / fp32 reduction, and with checkpointing, against an
+    fp32 FSDP2 run: the loss of one step and the dtype of the kept shards."""
+    mesh = init_device_mesh("cpu", (world_size, 1), mesh_dim_names=("dp", "tp"))
+    x, y = X.chunk(world_size)[rank], Y.chunk(world_size)[rank]
+    out = {}
+    for name, kw in (("fp32", dict(param_dtype=None)), ("bf16", {}),
+                     ("ckpt", dict(param_dtype=None, checkpoint_every=1))):
+        torch.manual_seed(0)
+        model = parallelize_gpt(GPT(CFG), mesh, **kw)
+        loss = model(x, y)[1]
+        loss.backward()
+        out[name] = (loss.item(), full_state(model, grads=True))
+        out[name + "_dtype"] = model.tok_emb.weight.dtype
+    return out
+
+
+@pytest.mark.distributed
+def test_mixed_precision_and_checkpointing_on_fsdp2():
+    for r in launch(mixed_and_checkpointed, 2):
+        (ref, ref_g), (bf16, bf16_g), (ckpt, ckpt_g) = r["fp32"], r["bf16"], r["ckpt"]
+        assert r["bf16_dtype"] == torch.float32  # the sharded master stays fp32
+        assert bf16 != ref and bf16 == pytest.approx(ref, abs=5e-2)  # bf16 compute
+        assert all(bf16_g[n].dtype == torch.float32 for n in bf16_g)
+        assert ckpt == ref  # recomputation changes nothing
+        assert all(torch.equal(ckpt_g[n], ref_g[n]) for n in ref_g)

@@ -9,7 +9,11 @@ Closed-form counts for a GPT (``llmcore.models.gpt.GPTConfig``) trained with Ada
   measurement byte for byte; :func:`llmcore.parallel.comm.wire_bytes` turns a payload
   into bytes on the wire for a ring;
 * the pipeline bubble (p - 1) / (m + p - 1) of GPipe and 1F1B (Huang et al. 2019;
-  Narayanan et al. 2021).
+  Narayanan et al. 2021);
+* memory per rank: the state plus the activations in flight
+  (:mod:`llmcore.parallel.activations`).
+
+:mod:`llmcore.parallel.steptime` turns the bytes into seconds.
 """
 
 from __future__ import annotations
