@@ -57,7 +57,7 @@ MUTANTS = {
         2: [("torch.cat(parts, dim=-1)", "torch.cat(parts, dim=0)"),
             ("y = F.linear(x_part, weight)", "y = F.linear(x_part, weight, bias)")],
         3: [("acc = grad + error", "acc = grad"),                # no error feedback
-            ("acc.abs().topk(k)", "acc.topk(k)"),                # largest, not magnitude
+            ("acc.abs().topk(k)", "acc.topk(k)"),         # largest, not magnitude
             ("new_error[indices] = 0", "pass")],
     },
     "05-finetuning": {
@@ -142,7 +142,7 @@ MUTANTS = {
             ("(x.float() * scale)", "(x.float() / scale)")],
     },
     "10-mixed-precision-loop": {
-        1: [("            p.copy_(m)\n", "            pass\n"),        # never copied back
+        1: [("            p.copy_(m)\n", "            pass\n"),    # not copied back
             ("m -= self.lr * p.grad.float()", "p -= self.lr * p.grad"),   # no master
             ("m -= self.lr * p.grad.float()", "m += self.lr * p.grad.float()")],
         2: [("FP16_MAX / amax", "448.0 / amax"),                 # e4m3's maximum
@@ -171,6 +171,7 @@ MUTANTS = {
         4: [("    if stage >= 2:\n        grads /= world\n", ""),
             ("4 * n_params, 4 * n_params, 8 * n_params",
              "4 * n_params, 4 * n_params, 4 * n_params"),          # one moment
-            ("        adam /= world\n", "        adam /= world\n        weights /= world\n")],
+            ("        adam /= world\n",
+             "        adam /= world\n        weights /= world\n")],
     },
 }

@@ -49,7 +49,8 @@ def test_unbalanced_markers_are_errors(source, message):
 
 
 @pytest.mark.parametrize("marker", [
-    "###BEGIN SOLUTION", "### BEGIN SOLUTIONS", "# BEGIN SOLUTION", "#### BEGIN SOLUTION",
+    "###BEGIN SOLUTION", "### BEGIN SOLUTIONS", "# BEGIN SOLUTION",
+    "#### BEGIN SOLUTION",
     "### begin solution", "### BEGIN  SOLUTION", "### BEGIN SOLUTION here",
     "## END SOLUTION", "###END SOLUTION", "    # END_SOLUTION",
 ])
@@ -85,7 +86,8 @@ def test_hidden_checks_are_dropped_from_the_student_copy():
     labs.validate_lab(nb)
     assert labs.checks_of(nb) == [[1, 2]] and labs.first_checks(nb) == [[1, 2]]
     student = labs.student_notebook(nb)
-    assert [c.source for c in student.cells][1:] == ["assert g() == 1", "print('after')"]
+    assert [c.source for c in student.cells][1:] == ["assert g() == 1",
+                                                     "print('after')"]
     assert "NotImplementedError" in student.cells[0].source
 
 
