@@ -91,7 +91,9 @@ def odd_column():
 
 
 def every_check(rank, world_size):
+    x = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(3))
     return {"gpt": gpt_parity(rank, world_size),
+            "gpt_dtensor": dtensor_worker(rank, world_size, CFG, x, x),
             "dtensor": layers_vs_dtensor(rank, world_size),
             "odd": odd_column()}
 
@@ -116,6 +118,7 @@ def test_gpt_tensor_parallel_matches_single_device(two_ranks):
 
 def test_layers_match_dtensor(two_ranks):
     assert max(r["dtensor"] for r in two_ranks) < 1e-5
+    assert max(r["gpt_dtensor"] for r in two_ranks) < 1e-5  # the GPT's FFNs too
 
 
 def test_hybrid_data_times_tensor_parallel_on_four_ranks():
