@@ -67,6 +67,12 @@ def test_unpicklable_function_is_refused():
         launch(sum_of_ranks, 0)
 
 
+def test_nccl_never_binds_two_ranks_to_one_gpu():
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        launch(sum_of_ranks, gpus + 1, 1.0, backend="nccl")
+
+
 # ------------------------------------------------- never hang, never hide the error
 
 LAUNCH = importlib.import_module("llmcore.parallel.launch")

@@ -133,6 +133,13 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any,
     if not wall_timeout > 0:
         raise ValueError(f"wall_timeout must be > 0 seconds, got {wall_timeout!r}")
     backend = backend or default_backend(world_size)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if backend == "nccl" and gpus < world_size:
+        # rank r would bind to cuda:r: two ranks must never share a GPU or name one
+        # that does not exist
+        raise ValueError(f"backend='nccl' needs one GPU per rank: world_size="
+                         f"{world_size} but {gpus} GPU(s) visible; use backend='gloo' "
+                         "(CPU processes) or fewer ranks")
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
