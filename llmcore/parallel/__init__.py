@@ -1,7 +1,9 @@
 """Parallel training by hand, on several processes: data, ZeRO, tensor, pipeline.
 
 Every scheme runs under :func:`launch` with gloo on the CPU (or NCCL on GPUs) and is
-checked against a single process and against PyTorch's own implementation.
+checked against a single process and against PyTorch's own implementation. The
+experiments the chapters run on top of them (workers, sweeps, timelines) live in
+``llmcore.parallel.experiments``, which nothing here imports.
 """
 
 from llmcore.parallel.comm import Comm, CommStats, HookState, allreduce_hook
