@@ -212,14 +212,14 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
     different meshes (plain, TP, FSDP, both): each gradient's norm is reduced over
     its own mesh, then the squares are summed. Returns the total norm (fp32)."""
     grads = [p.grad for p in params if p.grad is not None]
-    total = torch.zeros((), dtype=torch.float32)
-    for g in grads:
-        n = _local(torch.linalg.vector_norm(g, dtype=torch.float32))
-        total = total + n.cpu() ** 2
-    total = total.sqrt()
+    if not grads:
+        return torch.zeros(())
+    # each norm stays on its device: no host sync until the caller reads the total
+    norms = [_local(torch.linalg.vector_norm(g, dtype=torch.float32)) for g in grads]
+    total = torch.stack([n.to(norms[0].device) ** 2 for n in norms]).sum().sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for g in grads:
-        g.mul_(coef.to(g.device))
+        g.mul_(coef.to(g.device, g.dtype))
     return total
 
 
