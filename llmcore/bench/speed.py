@@ -213,7 +213,9 @@ def compare_nanogpt(path: Path, rounds: int, steps: int, threads: int) -> dict:
         ratios.append(n / o)
         print(f"  round {r + 1}: nanoGPT {n:.1f} ms, llmcore {o:.1f} ms per step; "
               f"llmcore/nanoGPT tokens/s {n / o:.2f}")
-    return {"model": asdict(CHAR), "batch_size": 12, "threads": threads,
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                timespec="seconds"), "load_average": os.getloadavg()[0],
+            "model": asdict(CHAR), "batch_size": 12, "threads": threads,
             "rounds": rounds, "steps_per_round": steps, "nanogpt_ms": nano,
             "llmcore_ms": ours, "ratios": ratios,
             "ratio_median": statistics.median(ratios),
