@@ -26,6 +26,8 @@ import torch
 
 from llmcore.config import Tiered
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.runtime import device_name, setup
+from llmcore.train import TrainConfig, train
 
 DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16,
           "fp16": torch.float16}
@@ -100,8 +102,6 @@ PRESETS = Tiered(
 def measure_tokens_per_s(model: GPT, batch_size: int, steps: int, precision: str,
                          warmup: int = 3, compile: bool = False) -> float:
     """Median training throughput (tokens/s) of ``model`` on random tokens."""
-    from llmcore.train import TrainConfig, train
-
     c = model.config
 
     def batch_fn(step, generator):
@@ -116,8 +116,6 @@ def measure_tokens_per_s(model: GPT, batch_size: int, steps: int, precision: str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from llmcore.runtime import device_name, setup
-
     p = argparse.ArgumentParser(prog="python -m llmcore.bench mfu",
                                 description="Training throughput and MFU of a GPT.")
     p.add_argument("--precision", default="bf16", choices=list(DTYPES))

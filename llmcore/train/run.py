@@ -24,6 +24,7 @@ from llmcore.data import get_batch, load_corpus, split_tokens
 from llmcore.generate import generate
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel.native import apply_parallel, init_distributed
 from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import CharTokenizer
 from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
@@ -99,8 +100,6 @@ def prepare_model(model: torch.nn.Module, rt: Runtime, parallel: str = "none"):
         raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
     if parallel == "none":
         return model.to(rt.device), None
-    from llmcore.parallel.native import apply_parallel, init_distributed
-
     info = init_distributed()
     if info.world_size < 2:
         raise ValueError(f"parallel={parallel!r} needs several processes; start the "
