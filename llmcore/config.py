@@ -11,6 +11,7 @@ beside the code they configure; this module holds what they share.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Generic, Iterator, TypeVar
 
@@ -52,15 +53,24 @@ class Tiered(Generic[T]):
 
 
 def check_positive(obj: object, *names: str) -> None:
-    """Raise a ValueError naming the first field of ``obj`` that is not positive.
-
-    Meant for ``__post_init__`` of config dataclasses.
-    """
+    """Raise a ValueError naming the first field of ``obj`` that is not a positive,
+    finite number (NaN and infinity are refused). For ``__post_init__``."""
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                or not math.isfinite(value) or value <= 0):
             raise ValueError(f"{type(obj).__name__}.{name} must be a positive number, "
                              f"got {value!r}")
+
+
+def check_positive_int(obj: object, *names: str) -> None:
+    """Like :func:`check_positive` for sizes and counts: each must be an ``int``
+    (``128.0`` is refused: a float size would fail later, far from its cause)."""
+    for name in names:
+        value = getattr(obj, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, "
+                             f"got {value!r}; write it without a decimal point")
 
 
 def override(cfg: T, **changes) -> T:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmcore.config import check_positive
+from llmcore.config import check_positive_int
 from llmcore.nn import GPTBlock, KVCache, LearnedPositionalEmbedding, make_norm
 from llmcore.nn.loss import lm_loss
 
@@ -41,7 +41,8 @@ class GPTConfig:
     use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
 
     def __post_init__(self):
-        check_positive(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        check_positive_int(self, "vocab_size", "block_size", "n_layer", "n_head",
+                           "n_embd")
         if self.n_embd % self.n_head:
             raise ValueError(f"{type(self).__name__}.n_embd={self.n_embd} must be a "
                              f"multiple of n_head={self.n_head}")

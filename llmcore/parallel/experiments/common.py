@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from llmcore.config import Tiered, check_positive
+from llmcore.config import Tiered, check_positive, check_positive_int
 from llmcore.data import load_corpus
 from llmcore.data.lm import get_batch
 from llmcore.models.gpt import GPTConfig
@@ -29,8 +29,9 @@ class DemoConfig:
     lr: float  # SGD learning rate
 
     def __post_init__(self):
-        check_positive(self, "n_layer", "n_head", "n_embd", "block_size", "batch",
-                       "steps", "lr")
+        check_positive_int(self, "n_layer", "n_head", "n_embd", "block_size", "batch",
+                           "steps")
+        check_positive(self, "lr")
 
     def gpt_config(self, vocab_size: int) -> GPTConfig:
         return GPTConfig(vocab_size=vocab_size, block_size=self.block_size,

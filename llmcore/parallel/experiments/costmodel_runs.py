@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from llmcore.config import check_positive
+from llmcore.config import check_positive_int
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.calibrate import (fit_compute, fit_link, median_times,
                                         sweep_points, sweep_steps)
@@ -48,7 +48,7 @@ class BenchConfig:
     warmup: int = 2  # untimed steps first
 
     def __post_init__(self):
-        check_positive(self, "batch", "reps", "warmup")
+        check_positive_int(self, "batch", "reps", "warmup")
 
 
 def _batch(bc: BenchConfig, seed: int = 0):

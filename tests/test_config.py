@@ -1,0 +1,25 @@
+"""Config checks: sizes are positive ints, numbers are finite and positive."""
+
+import math
+
+import pytest
+
+from llmcore.models.gpt import GPTConfig
+from llmcore.parallel.costmodel import Plan
+
+
+@pytest.mark.parametrize("bad", [128.0, math.nan, 0, -4, True, "128"])
+def test_gpt_sizes_must_be_positive_ints(bad):
+    with pytest.raises(ValueError, match="n_embd must be a positive int"):
+        GPTConfig(65, 64, 4, 4, bad)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 2.0])
+def test_plan_degrees_refuse_nan_inf_and_floats(bad):
+    with pytest.raises(ValueError, match="dp must be a positive int"):
+        Plan(dp=bad)
+
+
+def test_good_configs_pass():
+    assert GPTConfig(65, 64, 4, 4, 128).n_embd == 128
+    assert Plan(dp=2).dp == 2
