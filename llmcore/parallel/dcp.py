@@ -25,8 +25,10 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 
 def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-         step: int) -> Path:
-    """Write model and optimizer state of every rank to the directory ``path``.
+         step: int, extra: dict | None = None) -> Path:
+    """Write model and optimizer state of every rank to the directory ``path``;
+    ``extra`` (plain data, rank 0's) goes beside them as ``extra.pt``, in the same
+    atomic rename (read it with :func:`read_extra`).
 
     Collective: every rank calls it with the same ``path`` and ``step``.
     """
@@ -37,6 +39,8 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
              checkpoint_id=str(tmp))
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
+        if extra is not None:
+            torch.save(extra, tmp / "extra.pt")
         old = path.with_name(path.name + ".old")
         if path.exists():
             path.rename(old)
@@ -60,3 +64,9 @@ def load(path: str | Path, model: nn.Module,
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     return int(state["step"])
+
+
+def read_extra(path: str | Path) -> dict:
+    """The ``extra`` that :func:`save` stored in ``path`` (empty if none)."""
+    file = Path(path) / "extra.pt"
+    return torch.load(file, weights_only=True) if file.is_file() else {}

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from llmcore.train.checkpoint import (read_checkpoint, restore_checkpoint,
-                                      save_checkpoint)
+from llmcore.train import checkpoint as whole_file
+from llmcore.train import sharded
 from llmcore.train.optim import any_dtensor, make_optimizer, make_scheduler
 from llmcore.train.resume import MAY_CHANGE, check_resume, schedule_restart
 from llmcore.train.step import (PRECISIONS, BatchFn, LossFn, clip_grad_norm,
@@ -182,18 +182,19 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
     per update); ``generator`` (default: seeded with 0) is the only randomness it should
     use, so that it can be checkpointed. With ``ckpt_path`` a checkpoint is written
     every ``cfg.ckpt_interval`` updates and at the end; ``resume=True`` continues from
-    it if it exists (see :mod:`llmcore.train.resume` for what may differ). ``stop_at``
-    ends the run early after that many updates without changing the schedule, as an
-    interruption would. ``dp_group``: the data-parallel process group, over which the
-    token count that weights the gradients is summed. ``meta``: plain data stored in
-    the checkpoint (``extra["meta"]``).
+    it if it exists (see :mod:`llmcore.train.resume` for what may differ); a model of
+    DTensors saves it in shards. ``stop_at`` ends the run early after that many updates
+    (the schedule unchanged). ``dp_group``: the data-parallel process group, over which
+    the token count that weights the gradients is summed. ``meta``: plain data stored
+    in the checkpoint (``extra["meta"]``).
     """
     device = next(model.parameters()).device
+    ckpt = sharded if any_dtensor(model) else whole_file
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
     saved, restart, start = None, None, 0
     if resume and ckpt_path is not None and Path(ckpt_path).exists():
-        saved = read_checkpoint(ckpt_path, map_location=device)
+        saved = ckpt.read_checkpoint(ckpt_path, map_location=device)
         old = saved["extra"]["config"]
         check_resume(old, asdict(cfg), MAY_CHANGE, source=str(ckpt_path),
                      hint="Train with the saved values, or start a fresh run.")
@@ -204,8 +205,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     history = History()
     if saved is not None:
-        restore_checkpoint(saved, model, optimizer=optimizer, scheduler=scheduler,
-                           scaler=scaler, generator=generator, source=ckpt_path)
+        ckpt.restore_checkpoint(saved, model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, generator=generator, source=ckpt_path)
         start = saved["step"]
         history = History.from_dict(saved["extra"]["history"])
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
@@ -219,7 +220,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
 
     def checkpoint(step: int) -> None:
         pending.read()  # raises before a non-finite step can be saved
-        save_checkpoint(ckpt_path, model, optimizer=optimizer, scheduler=scheduler,
+        ckpt.save_checkpoint(ckpt_path, model, optimizer=optimizer, scheduler=scheduler,
                         scaler=scaler, step=step, generator=generator,
                         extra={"history": history.to_dict(), "config": asdict(cfg),
                                "restart": restart, "meta": meta or {}})

@@ -49,13 +49,15 @@ def any_dtensor(model: nn.Module) -> bool:
 
 
 def mixes_dtensors(model: nn.Module) -> bool:
-    """Whether some but not all parameters are DTensors (tensor parallelism)."""
+    """Whether the parameters live on more than one mesh: some plain, some DTensors
+    (tensor parallelism), or DTensors on two meshes (FSDP over tensor parallelism)."""
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
         return False
-    kinds = {isinstance(p, DTensor) for p in model.parameters()}
-    return len(kinds) == 2
+    meshes = {p.device_mesh if isinstance(p, DTensor) else None
+              for p in model.parameters()}
+    return len(meshes) > 1
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,

@@ -11,6 +11,7 @@ killed job) is taken over, with a message.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -22,6 +23,7 @@ from llmcore.io import remove_stale_temps
 LOCK = ".lock"
 CKPT, METRICS, TOKENIZER = "ckpt.pt", "metrics.json", "tokenizer.json"
 RUN_FILES = (CKPT, METRICS, TOKENIZER)
+SHARDS = "ckpt.dcp"  # the sharded checkpoint of a run on a device mesh (a folder)
 
 
 def check_writable(out: Path) -> None:
@@ -102,8 +104,8 @@ def claim_out(out: str | os.PathLike, *, resume: bool, overwrite: bool):
     check_writable(out)
     lock = acquire_lock(out)
     try:
-        existing = [name for name in RUN_FILES if (out / name).exists()]
-        if resume and not (out / CKPT).exists():
+        existing = [name for name in (*RUN_FILES, SHARDS) if (out / name).exists()]
+        if resume and not ((out / CKPT).exists() or (out / SHARDS).exists()):
             raise FileNotFoundError(f"--resume: there is no checkpoint {out / CKPT} to "
                                     "continue; drop --resume to start a new run")
         if existing and not resume and not overwrite:
@@ -112,7 +114,10 @@ def claim_out(out: str | os.PathLike, *, resume: bool, overwrite: bool):
                 "--resume, or replace it with --overwrite (or choose another --out).")
         if overwrite:
             for name in existing:
-                (out / name).unlink()
+                if name == SHARDS:
+                    shutil.rmtree(out / name)
+                else:
+                    (out / name).unlink()
         for name in RUN_FILES:
             remove_stale_temps(out / name)
         yield out
