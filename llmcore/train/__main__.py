@@ -7,12 +7,16 @@
         --precision bf16 --out runs/char --resume                    # 300 more steps
     torchrun --standalone --nproc_per_node 2 -m llmcore.train \\
         --preset shakespeare-char --parallel fsdp --steps 200 --out runs/fsdp
+    torchrun --standalone --nproc_per_node 4 -m llmcore.train \\
+        --preset shakespeare-char --dp 2 --tp 2 --steps 200 --out runs/mesh
 
 writes ``OUT/ckpt.pt`` (every ``ckpt_interval`` steps and at the end; ``--resume``
 continues from it), ``OUT/tokenizer.json`` and ``OUT/metrics.json`` (the history, the
 preset, a sample of generated text, the hardware and the torch version). A folder that
 holds a run needs ``--resume`` or ``--overwrite``; a lock file keeps a second run out
-of it. The presets and the run itself are in :mod:`llmcore.train.run`.
+of it. A ``--dp``/``--tp`` run checkpoints in shards (``OUT/ckpt.dcp``), and
+``--resume`` continues it on any number of processes. The presets and the run itself
+are in :mod:`llmcore.train.run`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 from llmcore.config import override
 from llmcore.runtime import setup
+from llmcore.train import sharded
 from llmcore.train.checkpoint import read_checkpoint
 from llmcore.train.loop import PRECISIONS
 from llmcore.train.run import PARALLEL, PRESETS, run
@@ -73,27 +78,39 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--parallel", choices=PARALLEL, default="none",
                    help="PyTorch engine under torchrun: ddp, fsdp (FSDP2) or tp")
-    return p.parse_args(argv)
+    p.add_argument("--dp", type=positive_int, default=None,
+                   help="data-parallel (FSDP2) rows of the device mesh; dp x tp = "
+                        "the processes torchrun starts")
+    p.add_argument("--tp", type=positive_int, default=None,
+                   help="tensor-parallel ranks per row of the device mesh")
+    args = p.parse_args(argv)
+    if (args.dp or args.tp) and args.parallel != "none":
+        p.error("--dp/--tp and --parallel exclude each other: --parallel ddp or fsdp "
+                "is --dp N, --parallel tp is --tp N")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rt = setup(seed=args.seed, tier=args.tier)
     preset = rt.pick(PRESETS[args.preset])
+    mesh = (args.dp or 1, args.tp or 1) if args.dp or args.tp else None
     changes = {"max_steps": args.steps, "lr": args.lr, "precision": args.precision,
                "compile": args.compile,
                "progress": False if args.no_progress else None}
     changes = {k: v for k, v in changes.items() if v is not None}
     if "max_steps" in changes:  # keep the warm-up inside a shortened run
         changes["warmup_steps"] = min(preset.train.warmup_steps, args.steps // 10)
-        ckpt = Path(args.out) / "ckpt.pt"
-        if args.resume and ckpt.is_file():  # a resumed run keeps its own warm-up
-            saved = read_checkpoint(ckpt)["extra"].get("config", {})
+        ckpt = Path(args.out) / ("ckpt.dcp" if mesh else "ckpt.pt")
+        if args.resume and ckpt.exists():  # a resumed run keeps its own warm-up
+            read = sharded.read_checkpoint if mesh else read_checkpoint
+            saved = read(ckpt)["extra"].get("config", {})
             changes["warmup_steps"] = saved.get("warmup_steps",
                                                 changes["warmup_steps"])
     preset = override(preset, train=override(preset.train, **changes))
     model, history, _ = run(preset, rt, args.out, resume=args.resume,
-                            parallel=args.parallel, overwrite=args.overwrite)
+                            parallel=args.parallel, overwrite=args.overwrite,
+                            mesh=mesh)
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
     last = history.eval_loss[-1] if history.eval_loss else float("nan")

@@ -18,18 +18,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                     get_model_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.config import Tiered
 from llmcore.data import get_batch, load_corpus, split_tokens
 from llmcore.generate import generate
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel.native import apply_parallel, init_distributed
+from llmcore.parallel.native import (apply_parallel, full_state, init_distributed,
+                                     parallelize_gpt)
+from llmcore.parallel.rng import rank_seed
 from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import CharTokenizer
+from llmcore.train import sharded
 from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
-from llmcore.train.outdir import claim_out
+from llmcore.train.outdir import SHARDS, claim_out
 from llmcore.train.resume import MAY_CHANGE, check_resume
 
 PARALLEL = ("none", "ddp", "fsdp", "tp")
@@ -107,6 +113,24 @@ def prepare_model(model: torch.nn.Module, rt: Runtime, parallel: str = "none"):
     return apply_parallel(model, parallel, info.device), info
 
 
+def prepare_mesh(model: torch.nn.Module, dp: int, tp: int,
+                 param_dtype: torch.dtype | None = None):
+    """``(model, info, mesh)``: the model on a (dp, tp) device mesh of all ranks
+    (``parallelize_gpt``: tensor parallel inside a row, FSDP2 across the rows)."""
+    info = init_distributed()
+    if info.world_size < 2:
+        raise ValueError(f"--dp {dp} --tp {tp} needs several processes; start the run "
+                         f"with `torchrun --nproc_per_node {dp * tp} -m llmcore.train "
+                         "...`")
+    if dp * tp != info.world_size:
+        raise ValueError(f"--dp {dp} x --tp {tp} = {dp * tp} processes, but torchrun "
+                         f"started {info.world_size}: choose --dp and --tp whose "
+                         f"product is {info.world_size}, or --nproc_per_node {dp * tp}")
+    mesh = init_device_mesh(info.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    model = parallelize_gpt(model.to(info.device), mesh, param_dtype=param_dtype)
+    return model, info, mesh
+
+
 def batch_fns(data: RunData, preset: RunPreset):
     """``(train_fn, val_fn)`` in the ``batch_fn(step, generator)`` form of ``train``."""
     def train_fn(step, generator):
@@ -118,8 +142,8 @@ def batch_fns(data: RunData, preset: RunPreset):
 
 
 def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
-        resume: bool = False, parallel: str = "none",
-        overwrite: bool = False) -> tuple[GPT, History, RunData]:
+        resume: bool = False, parallel: str = "none", overwrite: bool = False,
+        mesh: tuple[int, int] | None = None) -> tuple[GPT, History, RunData]:
     """Train ``preset``; with ``out``, write checkpoint, tokenizer and metrics there.
 
     ``out`` is checked and locked before training (see :mod:`llmcore.train.outdir`):
@@ -128,34 +152,53 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
     what a step computes is refused, a new ``max_steps`` is applied and reported.
     With ``parallel`` (ddp, fsdp or tp, under torchrun) every rank builds the same
     model from the same seed; data-parallel ranks (ddp, fsdp) draw different batches,
-    tensor-parallel ranks the same ones. The loop's periodic checkpoints would hold one
-    rank's shard, so a parallel run writes one whole-model checkpoint at the end that
-    cannot be resumed, and only rank 0 writes files.
+    tensor-parallel ranks the same ones. Such a run writes one whole-model checkpoint
+    at the end that cannot be resumed. With ``mesh=(dp, tp)`` instead the model lives
+    on a device mesh and checkpoints in shards (``OUT/ckpt.dcp``), which ``resume``
+    continues on any (dp, tp) layout; it also writes the whole model at the end. Only
+    rank 0 writes the files other than the shards.
     """
+    if mesh is not None and parallel != "none":
+        raise ValueError("--dp/--tp and --parallel exclude each other: --parallel "
+                         "ddp is --dp N, fsdp is --dp N, tp is --tp N")
     if parallel != "none" and resume:
-        raise ValueError("--resume works for single-process runs only; a --parallel "
-                         "run starts from scratch (use --overwrite to replace --out)")
+        raise ValueError("--resume works for single-process and --dp/--tp runs only; "
+                         "a --parallel run starts from scratch (use --overwrite)")
     data = build_data(preset)
-    model, info = prepare_model(build_model(preset, data.tokenizer.vocab_size), rt,
-                                parallel)
+    model = build_model(preset, data.tokenizer.vocab_size)
+    dp_group, dp_rank = None, 0
+    if mesh is not None:
+        bf16 = torch.bfloat16 if preset.train.precision == "bf16" else None
+        model, info, device_mesh = prepare_mesh(model, *mesh, param_dtype=bf16)
+        dp_rank = device_mesh["dp"].get_local_rank()
+        dp_group = device_mesh["dp"].get_group() if mesh[0] > 1 else None
+    else:
+        model, info = prepare_model(model, rt, parallel)
+        dp_rank = info.rank if info and parallel != "tp" else 0
+        dp_group = dist.group.WORLD if parallel in ("ddp", "fsdp") else None
     writes = out is not None and (info is None or info.is_main)
     claim = (claim_out(out, resume=resume, overwrite=overwrite) if writes
              else contextlib.nullcontext())
     with claim:
-        meta = {"preset": asdict(preset), "seed": rt.seed, "parallel": parallel,
-                "resumes": []}
-        ckpt = Path(out) / "ckpt.pt" if out is not None and info is None else None
-        if resume and ckpt is not None:
-            meta["resumes"] = check_saved_run(ckpt, meta)
+        if info is not None:
+            dist.barrier()  # rank 0 has checked and cleared OUT
+        meta = {"preset": asdict(preset), "seed": rt.seed,
+                "parallel": "mesh" if mesh else parallel, "resumes": []}
+        if mesh:
+            meta["mesh"] = {"dp": mesh[0], "tp": mesh[1]}
+        ckpt = None
+        if out is not None and (info is None or mesh):
+            ckpt = Path(out) / (SHARDS if mesh else "ckpt.pt")
+        if resume and ckpt is not None and ckpt.exists():
+            meta["resumes"] = check_saved_run(ckpt, meta, writes)
         train_fn, val_fn = batch_fns(data, preset)
-        rank_seed = rt.seed + (info.rank if info and parallel != "tp" else 0)
-        generator = torch.Generator().manual_seed(rank_seed)
-        dp_group = dist.group.WORLD if parallel in ("ddp", "fsdp") else None
+        generator = torch.Generator().manual_seed(rank_seed(rt.seed, dp_rank))
         history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
                         generator=generator, ckpt_path=ckpt, resume=resume,
                         dp_group=dp_group, meta=meta)
         if info is not None:
-            model = gather_model(model, preset, data.tokenizer.vocab_size, info)
+            model = gather_model(model, preset, data.tokenizer.vocab_size, info,
+                                 mesh is not None)
         if writes and model is not None:
             if info is not None:
                 save_checkpoint(Path(out) / "ckpt.pt", model, step=len(history.loss),
@@ -164,39 +207,49 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
     return model, history, data
 
 
-def check_saved_run(ckpt: Path, meta: dict) -> list[dict]:
+def check_saved_run(ckpt: Path, meta: dict, verbose: bool = True) -> list[dict]:
     """Compare the run in ``ckpt`` with the requested ``meta``; return the list of
     resumes, this one added, or raise listing what may not change."""
-    payload = read_checkpoint(ckpt)
+    payload = (sharded.read_checkpoint(ckpt) if ckpt.is_dir()
+               else read_checkpoint(ckpt))
     saved = payload["extra"].get("meta", {})
-    if saved.get("parallel", "none") != "none" or payload["optimizer"] is None:
+    if not ckpt.is_dir() and saved.get("parallel", "none") != "none":
         raise ValueError(
             f"{ckpt} was written by a --parallel {saved.get('parallel', '?')} run: it "
-            "holds the final weights only, no optimizer state, so it cannot be "
-            "resumed. Start a new run with --overwrite (or another --out).")
+            "holds the final weights only, no optimizer state, so it cannot be resumed "
+            "(a --dp/--tp run resumes from its ckpt.dcp with --dp/--tp). Start a new "
+            "run with --overwrite (or another --out).")
     requested = {k: meta[k] for k in ("preset", "seed", "parallel")}
     changes = check_resume(
         {k: saved.get(k) for k in requested}, requested, MAY_CHANGE, source=str(ckpt),
         hint="Resume with the flags the run was started with (--tier, --precision, "
              "--lr, --seed), or start a new run with --overwrite or another --out.")
+    if saved.get("mesh") and saved["mesh"] != meta.get("mesh"):
+        changes.append(f"mesh {saved['mesh']} -> {meta['mesh']}")
     here = {"at_step": payload["step"], "changes": changes}
-    print(f"resuming {ckpt} at step {payload['step']}"
-          + (f"; changed: {'; '.join(changes)}" if changes else ""))
+    if verbose:
+        print(f"resuming {ckpt} at step {payload['step']}"
+              + (f"; changed: {'; '.join(changes)}" if changes else ""))
     return list(saved.get("resumes", [])) + [here]
 
 
-def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, info):
+def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, info,
+                 on_mesh: bool = False):
     """A plain single-device GPT with the parallel model's full weights, on rank 0
     (None elsewhere); ends the process group. Every rank must call it."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_model_state_dict)
-
-    full = get_model_state_dict(model, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
+    if on_mesh:  # q, k, v are held apart on a mesh: full_state fuses them back
+        full = {k: v.cpu() for k, v in full_state(model).items()}
+    else:
+        full = get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
     plain = None
     if info.is_main:
         plain = build_model(preset, vocab_size)
-        plain.load_state_dict(full)
+        missing, unexpected = plain.load_state_dict(full, strict=False)
+        lost = set(missing) & {n for n, _ in plain.named_parameters()}
+        if unexpected or lost:  # buffers (masks, caches) are rebuilt, weights not
+            raise RuntimeError(f"gathered weights do not fit the model: missing "
+                               f"{sorted(lost)}, unexpected {unexpected}")
         plain.to(info.device)
     dist.barrier()
     dist.destroy_process_group()
