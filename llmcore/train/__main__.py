@@ -26,9 +26,9 @@ import math
 import sys
 from pathlib import Path
 
+import llmcore.train.sharded as sharded
 from llmcore.config import override
 from llmcore.runtime import setup
-from llmcore.train import sharded
 from llmcore.train.checkpoint import read_checkpoint
 from llmcore.train.loop import PRECISIONS
 from llmcore.train.run import PARALLEL, PRESETS, run

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from llmcore.train import checkpoint as whole_file
-from llmcore.train import sharded
+import llmcore.train.checkpoint as whole_file
+import llmcore.train.sharded as sharded
 from llmcore.train.optim import any_dtensor, make_optimizer, make_scheduler
 from llmcore.train.resume import MAY_CHANGE, check_resume, schedule_restart
 from llmcore.train.step import (PRECISIONS, BatchFn, LossFn, clip_grad_norm,

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                      get_model_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 
+import llmcore.train.sharded as sharded
 from llmcore.config import Tiered
 from llmcore.data import get_batch, load_corpus, split_tokens
 from llmcore.generate import generate
@@ -32,7 +33,6 @@ from llmcore.parallel.native import (apply_parallel, full_state, init_distribute
 from llmcore.parallel.rng import rank_seed
 from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import CharTokenizer
-from llmcore.train import sharded
 from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
 from llmcore.train.outdir import SHARDS, claim_out
