@@ -47,6 +47,10 @@ def test_mesh_run_resumes_on_fewer_processes(tmp_path):
     assert loss[4] < before[0] - 0.3  # from the trained weights, not fresh ones
     assert metrics["resumes"][0]["at_step"] == 4
     assert read_checkpoint(out / "ckpt.pt")["step"] == 6
+    with pytest.raises(ValueError, match="final weights of a --dp/--tp run; resume "
+                                         "it with --dp/--tp under torchrun"):
+        main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "8",
+              "--no-progress", "--out", str(out), "--resume"])
 
 
 @pytest.mark.distributed
@@ -55,6 +59,17 @@ def test_mesh_that_does_not_fit_the_processes_is_a_clear_error(tmp_path):
                       str(tmp_path / "x"))
     assert result.returncode != 0
     assert "--dp 2 x --tp 2 = 4 processes, but torchrun started 2" in result.stderr
+
+
+@pytest.mark.distributed
+def test_mesh_resume_of_a_single_process_run_is_refused(tmp_path):
+    out = tmp_path / "single"
+    assert main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "1",
+                 "--no-progress", "--out", str(out)]) == 0
+    result = torchrun(2, "--dp", "2", "--steps", "2", "--out", str(out), "--resume")
+    assert result.returncode != 0
+    assert "--resume with --dp/--tp continues the sharded checkpoint" in result.stderr
+    assert read_checkpoint(out / "ckpt.pt")["step"] == 1  # the run is untouched
 
 
 def test_mesh_flags_with_parallel_are_refused(capsys):

@@ -189,6 +189,11 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
         ckpt = None
         if out is not None and (info is None or mesh):
             ckpt = Path(out) / (SHARDS if mesh else "ckpt.pt")
+        if resume and mesh and not ckpt.exists():
+            raise FileNotFoundError(
+                f"--resume with --dp/--tp continues the sharded checkpoint {ckpt}, "
+                f"which is missing: {out} holds a run without --dp/--tp. Resume it "
+                "as it was started, or start a new run with --overwrite.")
         if resume and ckpt is not None and ckpt.exists():
             meta["resumes"] = check_saved_run(ckpt, meta, writes)
         train_fn, val_fn = batch_fns(data, preset)
@@ -213,12 +218,15 @@ def check_saved_run(ckpt: Path, meta: dict, verbose: bool = True) -> list[dict]:
     payload = (sharded.read_checkpoint(ckpt) if ckpt.is_dir()
                else read_checkpoint(ckpt))
     saved = payload["extra"].get("meta", {})
-    if not ckpt.is_dir() and saved.get("parallel", "none") != "none":
+    if not ckpt.is_dir() and saved.get("parallel") == "mesh":
+        raise ValueError(f"{ckpt} holds the final weights of a --dp/--tp run; resume "
+                         "it with --dp/--tp under torchrun (from its ckpt.dcp)")
+    if not ckpt.is_dir() and (saved.get("parallel", "none") != "none"
+                              or payload["optimizer"] is None):
         raise ValueError(
             f"{ckpt} was written by a --parallel {saved.get('parallel', '?')} run: it "
-            "holds the final weights only, no optimizer state, so it cannot be resumed "
-            "(a --dp/--tp run resumes from its ckpt.dcp with --dp/--tp). Start a new "
-            "run with --overwrite (or another --out).")
+            "holds the final weights only, no optimizer state, so it cannot be "
+            "resumed. Start a new run with --overwrite (or another --out).")
     requested = {k: meta[k] for k in ("preset", "seed", "parallel")}
     changes = check_resume(
         {k: saved.get(k) for k in requested}, requested, MAY_CHANGE, source=str(ckpt),
