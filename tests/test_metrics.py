@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmcore.apps.metrics import (accuracy_ci, confusion_matrix, corpus_bleu, distinct_n,
-                             ngrams, repetition_rate, wilson_interval)
+                                  mcnemar_test, ngrams, paired_difference_ci,
+                                  repetition_rate, wilson_interval)
 
 # The example of Papineni et al. (2002), section 2.1.
 H1 = ("It is a guide to action which ensures that the military always obeys the "
@@ -138,3 +139,74 @@ def test_confusion_matrix():
     assert cm.sum() == 7 and cm.trace() == (preds == labels).sum()
     with pytest.raises(ValueError, match="num_classes"):
         confusion_matrix([3], [0], 3)
+
+
+def _pairs(b, c, both_right=0, both_wrong=0):
+    """Predictions of A and B on binary labels with the given cell counts."""
+    labels = torch.zeros(b + c + both_right + both_wrong, dtype=torch.long)
+    right = [(1, 0)] * b + [(0, 1)] * c + [(1, 1)] * both_right + [(0, 0)] * both_wrong
+    a = torch.tensor([0 if ra else 1 for ra, _ in right])
+    bb = torch.tensor([0 if rb else 1 for _, rb in right])
+    return a, bb, labels
+
+
+def test_mcnemar_exact_values_by_hand():
+    a, b, y = _pairs(10, 0, both_right=50, both_wrong=7)
+    t = mcnemar_test(a, b, y)
+    assert (t.only_a, t.only_b) == (10, 0)
+    assert t.p_value == pytest.approx(2 / 2 ** 10)        # both tails of 10 heads
+    assert mcnemar_test(a, b, y, "greater").p_value == pytest.approx(1 / 2 ** 10)
+    assert mcnemar_test(b, a, y, "greater").p_value == 1.0
+    # 7 against 2 of 9 discordant: P(X >= 7) = (36 + 9 + 1) / 512, doubled
+    t = mcnemar_test(*_pairs(7, 2, both_right=30))
+    assert t.p_value == pytest.approx(float(Fraction(2 * 46, 512)))
+    assert mcnemar_test(*_pairs(2, 7)).p_value == t.p_value    # symmetric
+    assert mcnemar_test(*_pairs(7, 2), "greater").p_value == pytest.approx(46 / 512)
+    # the concordant examples do not change the test
+    assert mcnemar_test(*_pairs(7, 2, 500, 500)).p_value == t.p_value
+    assert mcnemar_test(*_pairs(5, 5)).p_value == 1.0
+    assert mcnemar_test(*_pairs(0, 0, both_right=3)).p_value == 1.0
+
+
+def test_mcnemar_matches_a_binomial_sum_for_large_counts():
+    b, c = 180, 120
+    t = mcnemar_test(*_pairs(b, c, both_right=600))
+    tail = sum(Fraction(math.comb(300, i), 2 ** 300) for i in range(180, 301))
+    assert t.p_value == pytest.approx(float(2 * tail), rel=1e-12)
+    assert 1e-4 < t.p_value < 1e-3        # a normal approximation: z = 60/sqrt(300)
+
+
+def test_mcnemar_rejects_at_its_level_under_the_null():
+    """Two models that are equally accurate (and independent): p < 0.05 in at most
+    about 5% of test sets; a model 15 points better: nearly always."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.zeros(400, dtype=torch.long)
+
+    def model(acc):
+        return (torch.rand(200, 400, generator=g) > acc).long()  # 200 test sets
+
+    a, b, better = model(0.7), model(0.7), model(0.85)
+    null = sum(mcnemar_test(a[i], b[i], y).p_value < 0.05 for i in range(200))
+    power = sum(mcnemar_test(better[i], b[i], y).p_value < 0.05 for i in range(200))
+    assert null <= 20 and power >= 190, (null, power)
+
+
+def test_paired_difference_ci():
+    g = torch.Generator().manual_seed(1)
+    a, b, y = _pairs(180, 120, both_right=600, both_wrong=100)
+    iv = paired_difference_ci(a, b, y, generator=g)
+    assert iv.value == pytest.approx(60 / 1000)
+    # the paired standard error: sqrt((b + c) / n - d^2) / sqrt(n)
+    se = math.sqrt((300 / 1000 - 0.06 ** 2) / 1000)
+    assert iv.low == pytest.approx(0.06 - 1.96 * se, abs=0.006)
+    assert iv.high == pytest.approx(0.06 + 1.96 * se, abs=0.006)
+    # 0.75 against 0.71: the two intervals overlap, the paired one excludes 0
+    a, b, y = _pairs(150, 110, both_right=600, both_wrong=140)
+    assert accuracy_ci(a, y).low < accuracy_ci(b, y).high
+    assert paired_difference_ci(a, b, y, generator=g).low > 0
+    same = paired_difference_ci(a, a, y, generator=g)
+    assert same.value == same.low == same.high == 0.0
+    with pytest.raises(ValueError, match="same non-zero length"):
+        paired_difference_ci(a[:-1], b, y)
+    with pytest.raises(ValueError, match="alternative"):
+        mcnemar_test(a, b, y, alternative="less")

@@ -184,3 +184,74 @@ def confusion_matrix(preds, labels, num_classes: int) -> torch.Tensor:
     flat = labels * num_classes + preds
     return torch.bincount(flat, minlength=num_classes ** 2).view(num_classes,
                                                                  num_classes)
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """McNemar's exact test of two classifiers scored on the same examples."""
+
+    only_a: int  # examples that only model A gets right
+    only_b: int  # examples that only model B gets right
+    p_value: float  # exact binomial p-value of "A and B are equally accurate"
+    alternative: str  # "two-sided", or "greater": A is more accurate than B
+
+    def __str__(self) -> str:
+        return (f"only A right {self.only_a}, only B right {self.only_b}, "
+                f"McNemar exact p = {self.p_value:.2g} ({self.alternative})")
+
+
+def _paired_correct(preds_a, preds_b, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    preds_a, preds_b = torch.as_tensor(preds_a), torch.as_tensor(preds_b)
+    labels = torch.as_tensor(labels)
+    if not (preds_a.shape == preds_b.shape == labels.shape) or labels.dim() != 1 \
+            or labels.numel() == 0:
+        raise ValueError("preds_a, preds_b and labels must be 1-D of the same non-zero "
+                         f"length (one entry per test example), got "
+                         f"{tuple(preds_a.shape)}, {tuple(preds_b.shape)} and "
+                         f"{tuple(labels.shape)}")
+    return preds_a == labels, preds_b == labels
+
+
+def mcnemar_test(preds_a, preds_b, labels, alternative: str = "two-sided"
+                 ) -> PairedTest:
+    """McNemar's exact test (McNemar 1947) on the discordant examples.
+
+    Examples both models get right, or both wrong, say nothing about which is better.
+    Under "equally accurate" each of the n discordant examples is a fair coin, so
+    ``only_a`` follows Binomial(n, 1/2); the p-value sums its tail exactly.
+    """
+    if alternative not in ("two-sided", "greater"):
+        raise ValueError(f"alternative must be 'two-sided' or 'greater', got "
+                         f"{alternative!r}")
+    right_a, right_b = _paired_correct(preds_a, preds_b, labels)
+    b, c = int((right_a & ~right_b).sum()), int((~right_a & right_b).sum())
+    n = b + c
+
+    def upper_tail(k: int) -> float:  # P(X >= k), X ~ Binomial(n, 1/2), in integers
+        return sum(math.comb(n, i) for i in range(k, n + 1)) / 2 ** n
+
+    if alternative == "greater":
+        p = upper_tail(b)
+    else:  # the binomial is symmetric: double the smaller tail
+        p = min(1.0, 2 * upper_tail(max(b, c)))
+    return PairedTest(b, c, p, alternative)
+
+
+def paired_difference_ci(preds_a, preds_b, labels, confidence: float = 0.95,
+                         n_boot: int = 2000,
+                         generator: torch.Generator | None = None) -> Interval:
+    """Accuracy of A minus accuracy of B, with a paired percentile bootstrap interval.
+
+    Each resample draws the same examples for both models, so the interval reflects
+    only how the models differ on the examples, not how hard the test set happens to be.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    right_a, right_b = _paired_correct(preds_a, preds_b, labels)
+    diff = right_a.float() - right_b.float()  # per example: +1, 0 or -1
+    n = diff.numel()
+    idx = torch.randint(n, (n_boot, n), generator=generator)
+    means = diff[idx].mean(dim=1)  # (n_boot,)
+    alpha = (1 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha])).tolist()
+    return Interval(float(diff.sum()) / n, low, high, confidence)
