@@ -50,6 +50,13 @@ MUTANTS = {
              "amax = w.abs().max().float().reshape([1] * w.dim())"),   # per tensor
             ("torch.round(w.float() * (1.0 / scale))",
              "(w.float() * (1.0 / scale)).trunc()")],
+        4: [("torch.randint(0, 1 << 16", "torch.randint(0, 1 << 15"),   # biased down
+            ("((bits + noise) & -65536)", "(bits & -65536)"),   # truncation, no noise
+            ("((bits + noise) & -65536).view(torch.float32)",
+             "(bits + noise).view(torch.float32)")],  # noise, then round to nearest
+        5: [("y = update.to(w.dtype) - comp", "y = update.to(w.dtype) + comp"),
+            ("comp.copy_((t - w) - y)", "comp.copy_(y - (t - w))"),   # sign flipped
+            ("t = w + y", "t = w.float() + y.float()")],   # fp32 sum: no error seen
     },
     "04-parallel": {
         1: [("p.grad /= world", "pass"),                         # a sum, not a mean
