@@ -66,6 +66,11 @@ MUTANTS = {
         3: [("acc = grad + error", "acc = grad"),                # no error feedback
             ("acc.abs().topk(k)", "acc.topk(k)"),         # largest, not magnitude
             ("new_error[indices] = 0", "pass")],
+        4: [("chunks[recv].add_(buf)", "chunks[recv].copy_(buf)"),   # no reduction
+            ("send, recv = (rank - step + 1) % world, (rank - step) % world",
+             "send, recv = (rank - step) % world, (rank - step - 1) % world")],
+        5: [("    if current:\n        buckets.append(current)\n", ""),  # last lost
+            ("reversed(list(model.parameters()))", "list(model.parameters())")],
     },
     "05-finetuning": {
         1: [("pooled = (h * w).sum(dim=1) / w.sum(dim=1)",
