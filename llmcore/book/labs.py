@@ -35,11 +35,18 @@ import sys
 from pathlib import Path
 
 from llmcore.book import grade
-from llmcore.book.labcells import (  # noqa: F401  (re-exported)
-    BEGIN, END, HIDDEN, LOOKS_LIKE_MARKER, STUB, all_labs, checks_of, exercises,
-    find_lab, first_checks, has_solution, is_check, is_hidden_check,
-    solution_regions,
-    strip_solutions, validate_lab)
+from llmcore.book.labcells import (BEGIN, END, HIDDEN, LOOKS_LIKE_MARKER, STUB,
+                                   all_labs, checks_of, exercises, find_lab,
+                                   first_checks, has_solution, is_check,
+                                   is_hidden_check, solution_regions,
+                                   strip_solutions, validate_lab)
+
+# The lab tools under one name: what this module builds, and the reading of a lab's
+# cells from llmcore.book.labcells, which the tests and the grader use as labs.X.
+__all__ = ["student_notebook", "build_student", "main", "BEGIN", "END", "HIDDEN",
+           "LOOKS_LIKE_MARKER", "STUB", "all_labs", "checks_of", "exercises",
+           "find_lab", "first_checks", "has_solution", "is_check", "is_hidden_check",
+           "solution_regions", "strip_solutions", "validate_lab"]
 
 
 def student_notebook(nb, where: str = "notebook"):
