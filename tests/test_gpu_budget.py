@@ -94,10 +94,15 @@ def test_parameters_built_on_meta_match_the_formula():
     bias = GPTConfig(50257, 1024, 12, 12, 768).bias  # the default the budget builds
     assert mem["params"] == accounting.gpt_param_count(12, 768, 50257, 1024, bias=bias)
     assert mem["weights"] + mem["grads"] + mem["master+optimizer"] == 16 * mem["params"]
-    # 34 s b h bytes per layer (Korthikanti et al. 2022) with a fused attention kernel
-    assert mem["activations"] == 12 * 34 * 1024 * 12 * 768
+    # bf16, a fused attention kernel: per token and layer 16 C values, the fp32
+    # log-sum-exp per head, and the two norms' fp32 mean and rstd (activations.py)
+    tokens = 12 * 1024
+    assert mem["activations"] == 12 * tokens * (16 * 768 * 2 + 4 * 12 + 4 * 4)
     unfused = budget.memory(w, fused_attention=False)["activations"]
-    assert unfused - mem["activations"] == 12 * 5 * 12 * 1024**2 * 12
+    # without the kernel: q, k, v apart, the T x T softmax, its dropout mask and the
+    # dropped weights per head, and two residual dropout masks
+    assert unfused - mem["activations"] == 12 * tokens * (
+        2 * 768 * 2 + 3 * 12 * 1024 * 2 - 4 * 12)
 
 
 @pytest.mark.parametrize("steps, minutes", [(1000, 1), (100_000, 60)])

@@ -4,9 +4,10 @@ Every gpu-tier preset, in ``llmcore`` and in the notebooks, is turned into a
 ``Workload`` (a GPT of its depth and width, trained at its batch and context), the
 model is built on the meta device (shapes only, no memory), and its training memory
 is added up: weights, gradients and AdamW state from ``llmcore.accounting``, plus
-activations (Korthikanti et al., "Reducing Activation Recomputation in Large
-Transformer Models", 2022, section 4: 34 s b h bytes per layer in 16-bit, plus
-5 a s^2 b for the attention scores when no fused kernel is used) and the fp32 logits.
+the activations the blocks save in bf16 (``llmcore.parallel.activations``, the count
+checked against what autograd saves: 16 C bytes per token and layer in 16-bit with a
+fused attention kernel, the norms' statistics in fp32 as on CUDA; the T x T scores
+too without one) and the fp32 logits.
 It must fit the budget the preset declares: 16 GiB (``GPU_BUDGET_GB``), or the GiB key
 of a ``rt.fit({GiB: preset})`` option. The run time on an H100 is estimated from the
 FLOPs (``llmcore.bench.mfu``) at a stated utilisation.
@@ -40,6 +41,7 @@ from llmcore.accounting import count_params, training_bytes
 from llmcore.bench.mfu import gpt_flops_per_token
 from llmcore.config import GPU_BUDGET_GB, Tiered
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.parallel.activations import block_activation_bytes
 
 GiB = 2**30
 H100_BF16_FLOPS = 989e12  # H100 SXM dense bf16 tensor-core peak (datasheet)
@@ -78,12 +80,14 @@ def memory(w: Workload, fused_attention: bool = True) -> dict[str, float]:
     with torch.device("meta"):
         model = GPT(GPTConfig(w.vocab_size, w.context, w.n_layer, head, w.n_embd))
     state = training_bytes(count_params(model), "mixed bf16 + AdamW")
-    s, b, h, a = w.context, w.batch, w.n_embd, head
-    per_layer = s * b * h * 34 + (0 if fused_attention else 5 * a * s * s * b)
+    tokens = w.context * w.batch
+    per_token = block_activation_bytes(w.n_embd, head, w.context, dtype_bytes=2,
+                                       fused_attention=fused_attention,
+                                       stats_bytes=4)  # CUDA keeps them in fp32
     return {"params": count_params(model), "weights": state["weights"],
             "grads": state["grads"], "master+optimizer": state["master"] + state[
-                "optimizer"], "activations": w.n_layer * per_layer,
-            "logits": 2 * 4 * b * s * w.vocab_size, "cuda": CUDA_CONTEXT}
+                "optimizer"], "activations": w.n_layer * tokens * per_token,
+            "logits": 2 * 4 * tokens * w.vocab_size, "cuda": CUDA_CONTEXT}
 
 
 def total_bytes(w: Workload) -> float:
