@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcore.bench.parallel import hardware, main
+from llmcore.bench.parallel import LOADED, TOLERANCE, hardware, main
 from llmcore.parallel.experiments.costmodel_runs import PLANS, run
 
 RESULT = Path(__file__).resolve().parents[1] / "results" / "parallel-cpu.json"
@@ -26,6 +26,12 @@ def test_committed_results_hold_both_times_of_every_plan():
         assert r["processes"] == PLANS[r["plan"]][0]
         assert r["predicted_s"] > 0 and r["measured_s"] > 0
         assert r["error"] == pytest.approx(r["predicted_s"] / r["measured_s"] - 1)
+        assert 0 <= r["waited_s"] < r["measured_s"]
+    # the target, on ranks that had their cores (they waited for none)
+    assert res["waited"]["2"] <= LOADED
+    assert all(abs(r["error"]) <= TOLERANCE for r in res["plans"]
+               if r["processes"] == 2)
+    assert res["scheduling"] in ("normal", "SCHED_RR")
 
 
 def test_unknown_plan_is_refused():

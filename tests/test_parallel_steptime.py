@@ -1,10 +1,16 @@
 """The step-time model: alpha-beta collectives, calibration fits, bubble, overlap."""
 
+import os
+import subprocess
+import sys
+import time
+
 import pytest
 
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel import launch
-from llmcore.parallel.calibrate import fit_compute, fit_link, sweep_worker
+from llmcore.parallel import calibrate, launch
+from llmcore.parallel.calibrate import (fit_compute, fit_link, median_times,
+                                        run_queue_s, sweep_worker)
 from llmcore.parallel.costmodel import Plan, bubble_fraction
 from llmcore.parallel.steptime import (Cluster, Device, Link, ring_steps,
                                        scaling_efficiency, step_time, train_flops)
@@ -77,6 +83,37 @@ def test_buckets_hide_all_reduce_behind_backward_and_prefetch_hides_gathers():
 
 @pytest.mark.distributed
 def test_sweep_times_grow_with_the_message():
-    sweep = launch(sweep_worker, 2, (2**8, 2**21), 5, backend="gloo")[0]
+    ranks = launch(sweep_worker, 2, (2**8, 2**21), 5, backend="gloo")
+    sweep = ranks[0]
+    assert ranks[1] == sweep  # both ranks report the slowest one's times
     for op, ((_, small), (_, big)) in sweep.items():
         assert 0 < small < big, (op, small, big)
+
+
+def test_median_times_reports_each_calls_own_wait(monkeypatch):
+    clock = iter(range(100))  # the run queue grows by 1 s between any two reads
+    monkeypatch.setattr(calibrate, "run_queue_s", lambda: float(next(clock)))
+    waits: dict = {}
+    times = median_times({"a": lambda: None, "b": lambda: None}, reps=3, warmup=1,
+                         waits=waits)
+    assert waits == {"a": 1.0, "b": 1.0} and set(times) == {"a", "b"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/thread-self/schedstat"),
+                    reason="needs Linux scheduler statistics")
+def test_run_queue_wait_grows_when_another_process_takes_the_core():
+    cpu = min(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    rival = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(rival.pid, {cpu})
+        os.sched_setaffinity(0, {cpu})
+        q0, t0 = run_queue_s(), time.perf_counter()
+        while time.perf_counter() - t0 < 0.3:  # compete with the rival for 0.3 s
+            pass
+        waited, wall = run_queue_s() - q0, time.perf_counter() - t0
+    finally:
+        os.sched_setaffinity(0, before)
+        rival.kill()
+        rival.wait()
+    assert 0.1 * wall < waited < wall

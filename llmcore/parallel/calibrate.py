@@ -10,7 +10,11 @@
 Timings are medians over repetitions after warm-up, with a barrier before each
 repetition so that every rank starts together, and functions timed in turns
 (:func:`median_times`): a shared machine is noisy, one slow repetition must not
-decide a constant, and a load that drifts must touch every measurement alike.
+decide a constant, and a load that drifts must touch every measurement alike. Beside
+each time, :func:`median_times` can record how long the timing thread sat ready to
+run while other processes held the cores (:func:`run_queue_s`): on a loaded machine
+that wait, not the code, decides the time, and it differs between codes that sleep
+often (waiting on messages) and codes that compute without a break.
 """
 
 from __future__ import annotations
@@ -71,8 +75,10 @@ def sweep_points(times: dict) -> dict:
 
 def sweep_worker(rank: int, world_size: int, sizes: tuple[int, ...] = SIZES,
                  reps: int = 7) -> dict:
-    """Seconds per call of every collective, by payload in bytes (fp32 messages)."""
-    return sweep_points(median_times(sweep_steps(rank, world_size, sizes), reps))
+    """Seconds per call of every collective, by payload in bytes (fp32 messages), on
+    the slowest rank."""
+    return sweep_points(slowest(median_times(sweep_steps(rank, world_size, sizes),
+                                             reps)))
 
 
 def fit_link(op: str, points: list[tuple[float, float]], n: int) -> Link:
@@ -90,19 +96,48 @@ def fit_link(op: str, points: list[tuple[float, float]], n: int) -> Link:
                 bandwidth=1 / slope)
 
 
-def median_times(fns: dict, reps: int, warmup: int = 2) -> dict:
+def run_queue_s() -> float:
+    """Seconds the calling thread has waited, ready to run, for a core (Linux's
+    per-thread scheduler statistics); 0.0 where the kernel does not report it."""
+    try:
+        with open("/proc/thread-self/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def median_times(fns: dict, reps: int, warmup: int = 2,
+                 waits: dict | None = None) -> dict:
     """Median seconds of each function, timed in turns (one call of each per round):
-    a machine whose load drifts slows every function alike, not the last ones."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    a machine whose load drifts slows every function alike, not the last ones.
+
+    ``waits``: if given, filled with the median seconds of each call that this
+    thread spent waiting for a core (:func:`run_queue_s`).
+    """
+    times: dict = {k: [] for k in fns}
+    queued: dict = {k: [] for k in fns}
     for i in range(warmup + reps):
         for name, fn in fns.items():
             if dist.is_initialized():
                 dist.barrier()
-            start = time.perf_counter()
+            q0, start = run_queue_s(), time.perf_counter()
             fn()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
+                queued[name].append(run_queue_s() - q0)
+    if waits is not None:
+        waits.update({k: statistics.median(v) for k, v in queued.items()})
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def slowest(values: dict) -> dict:
+    """Each value's maximum over the ranks (the same keys in the same order on every
+    rank): a synchronous step lasts as long as its slowest rank, whichever it is."""
+    if not dist.is_initialized():
+        return dict(values)
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return dict(zip(values, t.tolist()))
 
 
 def fit_compute(points: list[tuple[float, float]]) -> dict:

@@ -3,9 +3,10 @@ parallel`` and chapter 19.
 
 One launch of two processes calibrates the model (collectives, compute, optimizer)
 and times every two-process plan; a second launch of four processes times the plans
-that need four. Each plan is the book's hand-written implementation training a small
-GPT with Adam: one timed step is zero_grad, forward, backward (with its
-communication) and the optimizer step, median of several after warm-up.
+that need four, predicted from the same calibration. Each plan is the book's
+hand-written implementation training a small GPT with Adam: one timed step is
+zero_grad, forward, backward (with its communication) and the optimizer step, the
+median of several after warm-up, on the slowest rank.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from llmcore.config import check_positive_int
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.calibrate import (fit_compute, fit_link, median_times,
-                                        sweep_points, sweep_steps)
+                                        slowest, sweep_points, sweep_steps)
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.costmodel import Plan
 from llmcore.parallel.data_parallel import BucketedDataParallel
@@ -101,18 +102,30 @@ def _plan_step(name: str, plan: Plan, bc: BenchConfig, x, y):
     return step
 
 
+def _timed(steps: dict, bc: BenchConfig, names: list) -> tuple[dict, dict]:
+    """Every step's median seconds on the slowest rank, the plans' own with the
+    seconds that rank waited for a core, and the share of all timed time it waited."""
+    waits: dict = {}
+    t = slowest(median_times(steps, bc.reps, bc.warmup, waits))
+    waits = slowest(waits)
+    return t, {"measured": {n: t[n] for n in names},
+               "waited_s": {n: waits[n] for n in names},
+               "waited": sum(waits.values()) / sum(t.values())}
+
+
 def plans_worker(rank: int, world_size: int, bc: BenchConfig, names: list) -> dict:
-    """Median seconds of a training step of each plan in ``names``, timed in turns."""
+    """The step time of each plan in ``names``, timed in turns (see :func:`_timed`)."""
     x, y = _batch(bc)
     steps = {name: _plan_step(name, PLANS[name][1], bc, x, y) for name in names}
-    return median_times(steps, bc.reps, bc.warmup)
+    return _timed(steps, bc, names)[1]
 
 
 def calibrate_worker(rank: int, world_size: int, bc: BenchConfig,
                      names: list) -> dict:
     """Calibration (collectives, compute at three batch sizes with every rank busy
     at once as in a run, Adam) and the step time of the plans in ``names``, all
-    timed in the same rounds, so that a drifting load touches all alike."""
+    timed in the same rounds, so that a drifting load touches all alike. Every time
+    is the slowest rank's, and beside it the seconds that rank waited for a core."""
     x, y = _batch(bc)
 
     def compute(b):  # a model of its own per size, like each plan
@@ -135,14 +148,14 @@ def calibrate_worker(rank: int, world_size: int, bc: BenchConfig,
     steps.update(sweep_steps(rank, world_size))
     steps.update({name: _plan_step(name, PLANS[name][1], bc, x, y) for name in names})
     steps["adam"] = opt.step
-    t = median_times(steps, bc.reps, bc.warmup)
+    t, timed = _timed(steps, bc, names)
     seq = bc.model.block_size
     points = [(train_flops(bc.model, b, seq), t["compute", b]) for b in sizes]
     sweep = sweep_points({k: v for k, v in t.items()
                           if isinstance(k, tuple) and k[0] != "compute"})
     return {"sweep": sweep, "compute": fit_compute(points) | {"points": points},
             "adam_s_per_param": t["adam"] / sum(p.numel() for p in params),
-            "n_tensors": len(params), "measured": {n: t[n] for n in names}}
+            "n_tensors": len(params)} | timed
 
 
 def cluster_from(cal: dict, cores: int, world_size: int = 2) -> Cluster:
@@ -164,37 +177,39 @@ def predict(bc: BenchConfig, cluster: Cluster, name: str, n_tensors: int) -> dic
 
 def run(bc: BenchConfig = BenchConfig(), four: bool = True,
         names: tuple = tuple(PLANS)) -> dict:
-    """Calibrate, measure and predict the plans ``names``; the results file's rows.
+    """Calibrate, measure and predict the plans ``names``; the results file's contents.
 
-    Each launch calibrates in its own rounds. A four-process plan gets two
-    predictions: ``predicted_s`` from the four-process calibration (the rate each
-    rank really gets with four busy), and ``predicted_from_two_s`` from the
-    two-process one with the rate divided by processes / cores (the slowdown model,
-    right only when nothing else runs on the machine).
+    One launch of two processes calibrates the model and times the two-process
+    plans; a second launch times the four-process ones, which the model predicts
+    from the same calibration with each rank's rate divided by processes / cores
+    (:meth:`Device.slowdown`): four processes on two cores take turns.
     """
     unknown = set(names) - set(PLANS)
     if unknown:
         raise ValueError(f"unknown plans {sorted(unknown)}; choose from {list(PLANS)}")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count()
-    cals, rows = {}, []
-    for world in (2, 4) if four else (2,):
-        mine = [n for n in names if PLANS[n][0] == world]
-        cals[world] = cal = launch(calibrate_worker, world, bc, mine, backend="gloo",
-                                   threads=1, wall_timeout=600)[0]
-        cluster = cluster_from(cal, 0, world)  # the measured rate: no slowdown
-        for name in mine:
-            t = cal["measured"][name]
+    by_world = {w: [n for n in names if PLANS[n][0] == w] for w in (2, 4)}
+    cal = launch(calibrate_worker, 2, bc, by_world[2], backend="gloo", threads=1,
+                 wall_timeout=600)[0]
+    timed = {2: cal}
+    if four and by_world[4]:
+        timed[4] = launch(plans_worker, 4, bc, by_world[4], backend="gloo",
+                          threads=1, wall_timeout=600)[0]
+    # the calibration ran two busy processes: on fewer than two cores its rate
+    # already holds their slowdown, so count at least two
+    cluster = cluster_from(cal, max(cores, 2))
+    rows = []
+    for world, res in timed.items():
+        for name in by_world[world]:
+            t = res["measured"][name]
             parts = predict(bc, cluster, name, cal["n_tensors"])
-            row = {"plan": name, "processes": world, "predicted_s": parts["total"],
-                   "measured_s": t, "error": parts["total"] / t - 1, "parts": parts}
-            if world > 2:
-                naive = predict(bc, cluster_from(cals[2], cores), name,
-                                cal["n_tensors"])["total"]
-                row |= {"predicted_from_two_s": naive, "error_from_two": naive / t - 1}
-            rows.append(row)
-    two = cluster_from(cals[2], cores)
-    return {"calibration": {w: c | {"measured": None} for w, c in cals.items()},
-            "cores": cores, "plans": rows,
-            "links": {op: vars(lk) for op, lk in two.intra.items()},
-            "calibrated": vars(two.device)}
+            rows.append({"plan": name, "processes": world,
+                         "predicted_s": parts["total"], "measured_s": t,
+                         "error": parts["total"] / t - 1, "parts": parts,
+                         "waited_s": res["waited_s"][name]})
+    keep = ("sweep", "compute", "adam_s_per_param", "n_tensors")
+    return {"calibration": {k: cal[k] for k in keep}, "cores": cores, "plans": rows,
+            "waited": {w: res["waited"] for w, res in timed.items()},
+            "links": {op: vars(lk) for op, lk in cluster.intra.items()},
+            "calibrated": vars(cluster.device)}
