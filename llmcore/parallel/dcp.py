@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+# torch.distributed.checkpoint is imported where it is used: it pulls in DTensor and
+# sympy, seconds of start-up for every process that imports the training loop, and
+# only runs on a mesh need it.
 
 
 def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -32,6 +34,9 @@ def save(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
 
     Collective: every rank calls it with the same ``path`` and ``step``.
     """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp-{step}")
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -54,6 +59,9 @@ def load(path: str | Path, model: nn.Module,
          optimizer: torch.optim.Optimizer) -> int:
     """Load ``path`` into ``model`` and ``optimizer`` (already parallelized, any
     layout, same parameter names); return the step it was saved at. Collective."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
     path = Path(path)
     if not (path / ".metadata").exists():
         raise FileNotFoundError(f"{path} is not a distributed checkpoint (no "

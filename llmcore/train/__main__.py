@@ -5,6 +5,8 @@
         --precision bf16 --out runs/char
     python -m llmcore.train --preset shakespeare-char --tier cpu --steps 800 \\
         --precision bf16 --out runs/char --resume                    # 300 more steps
+    python -m llmcore.train --preset shakespeare-char --steps 2000 --stop-at 500 \\
+        --out runs/part                  # 500 of 2,000 steps; --resume does the rest
     torchrun --standalone --nproc_per_node 2 -m llmcore.train \\
         --preset shakespeare-char --parallel fsdp --steps 200 --out runs/fsdp
     torchrun --standalone --nproc_per_node 4 -m llmcore.train \\
@@ -64,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default=None)
     p.add_argument("--steps", type=positive_int, default=None,
                    help="override max_steps")
+    p.add_argument("--stop-at", type=positive_int, default=None,
+                   help="end after this many steps, the schedule still that of "
+                        "--steps; continue the run later with --resume")
     p.add_argument("--lr", type=positive_float, default=None,
                    help="override the peak lr")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     preset = override(preset, train=override(preset.train, **changes))
     model, history, _ = run(preset, rt, args.out, resume=args.resume,
                             parallel=args.parallel, overwrite=args.overwrite,
-                            mesh=mesh)
+                            mesh=mesh, stop_at=args.stop_at)
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
     last = history.eval_loss[-1] if history.eval_loss else float("nan")

@@ -143,7 +143,8 @@ def batch_fns(data: RunData, preset: RunPreset):
 
 def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
         resume: bool = False, parallel: str = "none", overwrite: bool = False,
-        mesh: tuple[int, int] | None = None) -> tuple[GPT, History, RunData]:
+        mesh: tuple[int, int] | None = None,
+        stop_at: int | None = None) -> tuple[GPT, History, RunData]:
     """Train ``preset``; with ``out``, write checkpoint, tokenizer and metrics there.
 
     ``out`` is checked and locked before training (see :mod:`llmcore.train.outdir`):
@@ -155,8 +156,11 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
     tensor-parallel ranks the same ones. Such a run writes one whole-model checkpoint
     at the end that cannot be resumed. With ``mesh=(dp, tp)`` instead the model lives
     on a device mesh and checkpoints in shards (``OUT/ckpt.dcp``), which ``resume``
-    continues on any (dp, tp) layout; it also writes the whole model at the end. Only
-    rank 0 writes the files other than the shards.
+    continues on any (dp, tp) layout; it also writes the whole model at the end. Its
+    batches depend on the seed and the step only (``sharded.global_batches``), so a
+    resume on the same mesh is exact. Only rank 0 writes the files other than the
+    shards. ``stop_at``: end after that many steps, the schedule unchanged (the run
+    goes on with ``resume``).
     """
     if mesh is not None and parallel != "none":
         raise ValueError("--dp/--tp and --parallel exclude each other: --parallel "
@@ -198,9 +202,13 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
             meta["resumes"] = check_saved_run(ckpt, meta, writes)
         train_fn, val_fn = batch_fns(data, preset)
         generator = torch.Generator().manual_seed(rank_seed(rt.seed, dp_rank))
+        if mesh:
+            train_fn = sharded.global_batches(
+                lambda g: get_batch(data.train, preset.batch_size * mesh[0],
+                                    preset.block_size, g), rt.seed, dp_rank, mesh[0])
         history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
                         generator=generator, ckpt_path=ckpt, resume=resume,
-                        dp_group=dp_group, meta=meta)
+                        dp_group=dp_group, meta=meta, stop_at=stop_at)
         if info is not None:
             model = gather_model(model, preset, data.tokenizer.vocab_size, info,
                                  mesh is not None)
