@@ -1,12 +1,13 @@
-"""Context parallelism (ring attention): on 2 and 4 gloo processes the output and the
-gradients of q, k and v equal one device's causal SDPA, a GPT block on sharded tokens
-equals the whole block, and the bytes sent, the activations kept and the scores
-computed per rank equal their formulas."""
+"""Context parallelism (ring attention): on rings of 2 and 4 gloo processes the
+output and the gradients of q, k and v equal one device's causal SDPA, a GPT block on
+sharded tokens equals the whole block, and the bytes sent, the activations kept and
+the scores computed per rank equal their formulas."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from llmcore.models.gpt import GPTConfig
@@ -14,18 +15,18 @@ from llmcore.nn.attention import MultiHeadAttention
 from llmcore.nn.positional import RotaryEmbedding
 from llmcore.parallel import launch
 from llmcore.parallel.comm import Comm
-from llmcore.parallel.context_parallel import (ContextParallel,
+from llmcore.parallel.context_parallel import (LAYOUTS, ContextParallel,
                                                ContextParallelAttention, chunk_ids,
                                                shard_sequence)
-from llmcore.parallel.experiments.context import (block_worker, ring_saved_bytes,
-                                                  ring_traffic, ring_worker)
+from llmcore.parallel.experiments.context import (block_check, ring_check,
+                                                  ring_saved_bytes, ring_traffic)
 
 SHAPE = (2, 3, 16, 8)  # (B, nh, T, hs)
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32)
 TOL = 2e-6  # fp32: the ring sums the softmax in another order than SDPA
 
 
-def rope_worker(rank, world_size):
+def rope_check(group):
     """Attention with rotary embeddings: each chunk must rotate at its global
     positions, so a wrong offset shows in the output."""
     torch.manual_seed(0)
@@ -33,20 +34,24 @@ def rope_worker(rank, world_size):
                               fused_qkv=True)
     x = torch.randn(2, 16, 32)
     ref = attn(x, is_causal=True)
-    cp = ContextParallel(Comm(), "zigzag")
+    cp = ContextParallel(Comm(group), "zigzag")
     return (ContextParallelAttention(attn, cp)(cp.shard(x)) - cp.shard(ref)).abs().max(
         ).item()
 
 
-def two_rank_checks(rank, world_size):
-    return {"ring": {lay: ring_worker(rank, world_size, SHAPE, lay)
-                     for lay in ("zigzag", "contiguous")},
-            "block": {lay: block_worker(rank, world_size, CFG, 2, lay)
-                      for lay in ("zigzag", "contiguous")},
-            "rope": rope_worker(rank, world_size)}
+def four_ranks(rank, world_size):
+    """One launch for every check: rings of 4 ranks, and of 2 (two subgroups, whose
+    ranks are not the global ones, run side by side)."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    pair = pairs[rank // 2]
+    return {4: {lay: ring_check(SHAPE, lay) for lay in LAYOUTS},
+            2: {lay: ring_check(SHAPE, lay, group=pair) for lay in LAYOUTS},
+            "block": [block_check(CFG, 2, "zigzag"),
+                      block_check(CFG, 2, "contiguous", group=pair)],
+            "rope": rope_check(pair)}
 
 
-def check_ring(r, n, layout):
+def check_ring(r, n):
     assert max(r["gaps"].values()) < TOL, r["gaps"]
     traffic = ring_traffic(*SHAPE[:3], SHAPE[3], n)
     assert r["forward_bytes"] == traffic["forward"]
@@ -58,29 +63,25 @@ def check_ring(r, n, layout):
 
 
 @pytest.mark.distributed
-def test_ring_attention_and_a_gpt_block_on_two_ranks_equal_one_device():
-    ranks = launch(two_rank_checks, 2, backend="gloo")
-    c = SHAPE[2] // 2
+def test_ring_attention_and_a_gpt_block_on_two_and_four_ranks_equal_one_device():
+    ranks = launch(four_ranks, 4, backend="gloo")
+    t = SHAPE[2]
     for rank, res in enumerate(ranks):
-        for layout in ("zigzag", "contiguous"):
-            check_ring(res["ring"][layout], 2, layout)
-            assert max(res["block"][layout].values()) < TOL, res["block"][layout]
+        for n in (2, 4):
+            for layout in LAYOUTS:
+                check_ring(res[n][layout], n)
+            # contiguous: rank r computes r + 1 blocks of (T/n)^2 scores; zigzag:
+            # 2n + 1 chunk pairs of (T/2n)^2 on every rank
+            work = {lay: res[n][lay]["score_elements"] for lay in LAYOUTS}
+            assert work["contiguous"] == (rank % n + 1) * (t // n) ** 2
+            assert work["zigzag"] == (2 * n + 1) * (t // (2 * n)) ** 2
+        for gaps in res["block"]:
+            assert max(gaps.values()) < TOL, gaps
         assert res["rope"] < TOL
-        # contiguous: rank r computes r + 1 blocks of (T/n)^2 scores; zigzag: 2n + 1
-        # chunk pairs of (T/2n)^2 on every rank
-        assert res["ring"]["contiguous"]["score_elements"] == (rank + 1) * c * c
-        assert res["ring"]["zigzag"]["score_elements"] == 5 * (c // 2) ** 2
-    positions = sorted(p for res in ranks for p in res["ring"]["zigzag"]["positions"])
-    assert positions == list(range(SHAPE[2]))
-
-
-@pytest.mark.distributed
-def test_ring_attention_on_four_ranks_is_balanced_and_exact():
-    ranks = launch(ring_worker, 4, SHAPE, "zigzag", backend="gloo")
-    for r in ranks:
-        check_ring(r, 4, "zigzag")
-    assert {r["score_elements"] for r in ranks} == {9 * (SHAPE[2] // 8) ** 2}
-    assert ranks[0]["positions"] == [0, 1, 14, 15]
+    for n in (2, 4):
+        held = [p for res in ranks[:n] for p in res[n]["zigzag"]["positions"]]
+        assert sorted(held) == list(range(t))  # every token on exactly one rank
+    assert ranks[0][4]["zigzag"]["positions"] == [0, 1, 14, 15]
 
 
 def one_rank(layout="zigzag"):

@@ -42,16 +42,23 @@ def ring_saved_bytes(batch: int, n_head: int, seq: int, head_size: int,
 
 def ring_worker(rank: int, world_size: int, shape: tuple, layout: str = "zigzag",
                 seed: int = 0) -> dict:
+    """:func:`ring_check` over all the ranks."""
+    return ring_check(shape, layout, seed)
+
+
+def ring_check(shape: tuple, layout: str = "zigzag", seed: int = 0,
+               group=None) -> dict:
     """Causal attention of a (B, nh, T, hs) problem, whole on every rank and ring-
-    parallel: the largest differences of the output and of dq, dk, dv (this rank's
-    tokens), the bytes sent, the activations saved and the scores computed."""
+    parallel over ``group``: the largest differences of the output and of dq, dk, dv
+    (this rank's tokens), the bytes sent, the activations saved, the scores
+    computed."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, w = (torch.randn(*shape, generator=g) for _ in range(4))
     ref = [t.clone().requires_grad_() for t in (q, k, v)]
     ref_saved, out = saved_bytes(
         lambda *a: F.scaled_dot_product_attention(*a, is_causal=True), *ref)
     (out * w).sum().backward()  # a loss that weighs every output differently
-    cp = ContextParallel(Comm(), layout)
+    cp = ContextParallel(Comm(group), layout)
     mine = [cp.shard(t).clone().requires_grad_() for t in (q, k, v)]
     saved, local = saved_bytes(cp.attention, *mine)
     forward_bytes = cp.comm.stats.payload["send"]
@@ -66,11 +73,12 @@ def ring_worker(rank: int, world_size: int, shape: tuple, layout: str = "zigzag"
             "positions": cp.positions(shape[2]).tolist()}
 
 
-def block_worker(rank: int, world_size: int, cfg, batch: int = 2,
-                 layout: str = "zigzag", seed: int = 0) -> dict:
-    """A GPT block (norms, MLP and residuals token-wise, attention by ring) on this
-    rank's tokens against the whole block on one device: largest differences of the
-    output, the input gradient and every weight gradient (summed over the ranks)."""
+def block_check(cfg, batch: int = 2, layout: str = "zigzag", seed: int = 0,
+                group=None) -> dict:
+    """A GPT block (norms, MLP and residuals token-wise, attention by ring over
+    ``group``) on this rank's tokens against the whole block on one device: largest
+    differences of the output, the input gradient and every weight gradient (summed
+    over the ranks)."""
     torch.manual_seed(seed)  # the same block on every rank
     block = GPT(cfg).blocks[0]
     g = torch.Generator().manual_seed(seed + 1)
@@ -79,7 +87,7 @@ def block_worker(rank: int, world_size: int, cfg, batch: int = 2,
     ref_x = x.clone().requires_grad_()
     ref = block(ref_x)
     (ref * w).sum().backward()
-    comm = Comm()
+    comm = Comm(group)
     cp = ContextParallel(comm, layout)
     mine = copy.deepcopy(block)
     mine.zero_grad()
@@ -102,6 +110,5 @@ def context_demo(rank: int, world_size: int, cfg, batch: int = 2) -> dict:
     layouts, and one of its blocks on sharded tokens (zigzag)."""
     shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
     return {"shape": shape,
-            "ring": {lay: ring_worker(rank, world_size, shape, lay)
-                     for lay in ("contiguous", "zigzag")},
-            "block": block_worker(rank, world_size, cfg, batch, "zigzag")}
+            "ring": {lay: ring_check(shape, lay) for lay in ("contiguous", "zigzag")},
+            "block": block_check(cfg, batch, "zigzag")}
