@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from llmcore.parallel import WorkerError, launch
+from llmcore.parallel.launch import default_backend, rank_device
 
 pytestmark = pytest.mark.distributed
 
@@ -67,10 +68,51 @@ def test_unpicklable_function_is_refused():
         launch(sum_of_ranks, 0)
 
 
-def test_nccl_never_binds_two_ranks_to_one_gpu():
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    with pytest.raises(ValueError, match="one GPU per rank"):
+def test_nccl_never_binds_two_ranks_to_one_gpu(monkeypatch):
+    gpus = torch.cuda.device_count()
+    with pytest.raises(ValueError, match="at most one rank per GPU"):
         launch(sum_of_ranks, gpus + 1, 1.0, backend="nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # refused before start
+    with pytest.raises(ValueError, match="local_rank=1 has no GPU.*1 GPU"):
+        launch(sum_of_ranks, 2, 1.0, backend="nccl")
+
+
+@pytest.mark.parametrize("gpus", [0, 1, 2, 4])
+def test_backend_and_device_never_share_or_invent_a_gpu(monkeypatch, gpus):
+    """Whatever the GPUs, every rank of a launch gets a device of its own or the CPU."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    for n in (1, 2, 3, 4):
+        for tier in ("cpu", "gpu", None):
+            backend = default_backend(n, tier)
+            devices = [rank_device(r, backend) for r in range(n)]
+            if backend == "nccl":
+                assert tier != "cpu" and n <= gpus
+                assert devices == [torch.device("cuda", r) for r in range(n)]
+                assert len(set(devices)) == n and all(d.index < gpus for d in devices)
+            else:
+                assert tier == "cpu" or n > gpus  # gloo only when NCCL cannot serve
+                assert set(devices) == {torch.device("cpu")}
+    if gpus:
+        assert default_backend(1, "gpu") == "nccl"
+    with pytest.raises(ValueError, match=f"local_rank={gpus} has no GPU"):
+        rank_device(gpus, "nccl")  # an index that does not exist
+    with pytest.raises(ValueError, match="tier"):
+        default_backend(2, "tpu")
+    with pytest.raises(ValueError, match="world_size"):
+        default_backend(0)
+
+
+def rank_devices(rank, world_size):
+    """What a launched rank finds: its device and a tensor made there."""
+    return {"device": str(rank_device()), "t": torch.ones(2, device=rank_device())}
+
+
+def test_ranks_under_gloo_work_on_the_cpu_and_results_come_back_there():
+    out = launch(rank_devices, 2, backend="gloo")
+    assert [o["device"] for o in out] == ["cpu", "cpu"]
+    assert all(o["t"].device.type == "cpu" for o in out)
+    nested = LAUNCH._to_cpu({"a": [torch.ones(1), (torch.zeros(1), 3)], "b": "x"})
+    assert nested["a"][1][1] == 3 and isinstance(nested["a"][1], tuple)
 
 
 # ------------------------------------------------- never hang, never hide the error

@@ -49,13 +49,17 @@ def test_native_engines_match_one_device():
         assert max(worst.values()) < 1e-5, worst
 
 
-def test_ranks_get_their_own_existing_gpu_or_all_the_cpu():
-    assert pick_device(1, 2, 2)[:2] == (torch.device("cuda", 1), "nccl")
-    device, backend, note = pick_device(1, 2, 1)  # two ranks, one GPU
+def test_ranks_get_their_own_existing_gpu_or_all_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device(1, 2)[:2] == (torch.device("cuda", 1), "nccl")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    device, backend, note = pick_device(1, 2)  # two ranks, one GPU
     assert (device, backend) == (torch.device("cpu"), "gloo") and "1 GPU" in note
-    assert pick_device(0, 2, 0) == (torch.device("cpu"), "gloo", "")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    assert pick_device(0, 2) == (torch.device("cpu"), "gloo", "")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     with pytest.raises(ValueError, match="local_rank"):
-        pick_device(2, 2, 4)
+        pick_device(2, 2)
 
 
 def test_torchrun_with_two_ranks_on_one_visible_gpu(monkeypatch):

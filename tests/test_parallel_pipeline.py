@@ -2,12 +2,15 @@
 gradients, the bubble formula, and 1F1B's smaller activation footprint."""
 
 import functools
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import launch
+from llmcore.parallel import launch, pipeline
+from llmcore.parallel.comm import CommStats
 from llmcore.parallel.costmodel import bubble_fraction, pp_payload
 from llmcore.parallel.experiments.pipeline import (dp_pp_worker, pipeline_worker,
                                                    torch_pipelining_worker)
@@ -106,3 +109,84 @@ def test_measured_1f1b_bubble_follows_the_formula():
     assert abs(measured["1f1b"] - bubble_fraction(2, 4)) < 0.2, measured
     assert abs(measured["sequential"] - bubble_fraction(2, 1)) < 0.2, measured
     assert measured["1f1b"] < measured["sequential"] - 0.1, measured
+
+
+# ------------------------------------------------- no deadlock under NCCL
+
+
+def recorded_batches(monkeypatch, schedule: str, p: int, m: int) -> list:
+    """The batches of sends and receives every stage of run_pipeline hands to
+    batch_isend_irecv, recorded without a process group."""
+    cfg = GPTConfig(vocab_size=32, block_size=8, n_layer=4, n_head=2, n_embd=16)
+    log: list = []
+
+    def fake_batch(ops):
+        log.append([("send" if op.op is dist.isend else "recv", op.peer) for op in ops])
+        for op in ops:
+            if op.op is dist.irecv:
+                op.tensor.zero_()
+        return [SimpleNamespace(wait=lambda: None) for _ in ops]
+
+    monkeypatch.setattr(dist, "batch_isend_irecv", fake_batch)
+    monkeypatch.setattr(dist, "P2POp", lambda op, t, peer, group: SimpleNamespace(
+        op=op, tensor=t, peer=peer))
+    monkeypatch.setattr(dist, "barrier", lambda group=None: None)
+    out = []
+    for s in range(p):
+        torch.manual_seed(0)
+        stage = pipeline.GPTStage(GPT(cfg), s, p)
+        comm = SimpleNamespace(rank=s, world_size=p, group=None, stats=CommStats(),
+                               global_rank=lambda r: r)
+        log.clear()
+        x = torch.randint(32, (2 * m, 8))
+        pipeline.run_pipeline(stage, schedule, comm, x, x, m, (2, 8, 16))
+        out.append(list(log))
+    return out
+
+
+def deadlocks(batches: list) -> bool:
+    """Whether ranks that each run their batches in order get stuck, when every
+    transfer needs sender and receiver in their current batch at once (NCCL without
+    buffering: the strictest case)."""
+    msgs = []  # per rank, per batch: the messages (src, dst, k) its ops take part in
+    for s, bs in enumerate(batches):
+        seen: dict = {}
+        rank_msgs = []
+        for b in bs:
+            ids = []
+            for kind, peer in b:
+                key = (s, peer) if kind == "send" else (peer, s)
+                k = seen.get((kind, key), 0)
+                seen[(kind, key)] = k + 1
+                ids.append(key + (k,))
+            rank_msgs.append(ids)
+        msgs.append(rank_msgs)
+    pos, done = [0] * len(batches), set()
+    while True:
+        active = {i: set(msgs[i][pos[i]]) for i in range(len(msgs))
+                  if pos[i] < len(msgs[i])}
+        if not active:
+            return False
+        for i, mine in active.items():
+            for msg in mine:
+                peer = msg[1] if msg[0] == i else msg[0]
+                if msg in active.get(peer, ()):
+                    done.add(msg)
+        moved = [i for i, mine in active.items() if mine <= done]
+        if not moved:
+            return True
+        for i in moved:
+            pos[i] += 1
+
+
+@pytest.mark.parametrize("schedule,p,m", [("1f1b", 2, 4), ("1f1b", 4, 8),
+                                          ("gpipe", 2, 4), ("sequential", 2, 3),
+                                          ("1f1b", 3, 2)])
+def test_sends_and_receives_cannot_deadlock_even_without_buffering(
+        monkeypatch, schedule, p, m):
+    batches = recorded_batches(monkeypatch, schedule, p, m)
+    assert not deadlocks(batches)
+    if schedule == "1f1b":
+        # the same operations one by one, in the same order, would wait forever
+        single = [[[op] for b in bs for op in b] for bs in batches]
+        assert deadlocks(single)

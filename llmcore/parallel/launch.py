@@ -16,9 +16,10 @@ Three rules keep it from ever hanging or failing in silence:
   dies before it could run ``fn`` (``fn`` not importable there, a script that calls
   ``launch`` without ``if __name__ == "__main__":``) shows what it printed.
 
-A function defined in a notebook cannot be pickled into a spawned process, so ``fn``
-must be importable: the book's workers live in ``llmcore.parallel.experiments``.
-This module and ``llmcore.runtime`` are the only places that read environment variables.
+A notebook's function cannot be pickled into a spawned process, so ``fn`` must be
+importable (the book's workers live in ``llmcore.parallel.experiments``).
+:func:`default_backend` picks gloo or NCCL, :func:`rank_device` a rank's device.
+This module and ``llmcore.runtime`` are the only ones that read the environment.
 """
 
 from __future__ import annotations
@@ -27,12 +28,8 @@ import inspect
 import multiprocessing as mp
 import os
 import pickle
-import queue as queue_lib
 import socket
-import sys
-import tempfile
 import textwrap
-import time
 import traceback
 from datetime import timedelta
 from typing import Any, Callable
@@ -40,23 +37,10 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from llmcore.parallel.supervise import (WorkerError, collect, echo, start_logged,
+                                        stop)
+
 DEFAULT_WALL_TIMEOUT = 600.0  # seconds a whole launch() may take unless told otherwise
-EXIT_GRACE = 2.0  # seconds a rank that exited may take for its result to arrive
-
-
-class WorkerError(RuntimeError):
-    """A rank raised, died or never finished; carries the rank and the remote
-    traceback."""
-
-    def __init__(self, rank: int, message: str, remote_traceback: str = "",
-                 remote_type: str = ""):
-        self.rank = rank
-        self.remote_traceback = remote_traceback
-        self.remote_type = remote_type  # class name of the remote exception
-        text = f"rank {rank} {message}"
-        if remote_traceback:
-            text += f"\n\n--- traceback of rank {rank} ---\n{remote_traceback}"
-        super().__init__(text)
 
 
 def free_port() -> int:
@@ -66,11 +50,44 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def default_backend(world_size: int) -> str:
-    """NCCL when every rank can have a GPU of its own, else gloo (CPU)."""
-    if torch.cuda.is_available() and torch.cuda.device_count() >= world_size:
+def gpu_count() -> int:
+    """CUDA devices this process sees (0 on a machine or a torch build without)."""
+    return torch.cuda.device_count()
+
+
+def default_backend(world_size: int, tier: str | None = None) -> str:
+    """``"nccl"``, one rank per GPU, when ``world_size`` GPUs are visible and
+    ``tier`` is ``"gpu"`` (None: whenever the GPUs suffice); else ``"gloo"``, every
+    rank a CPU process. Ranks must agree on one backend and two ranks must never
+    share a GPU, so with fewer GPUs than ranks all of them run on the CPU; on the
+    cpu tier they stay there beside GPUs, so the tier means the same everywhere."""
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if tier not in (None, "cpu", "gpu"):
+        raise ValueError(f"tier must be 'cpu', 'gpu' or None, got {tier!r}")
+    if tier != "cpu" and gpu_count() >= world_size:
         return "nccl"
     return "gloo"
+
+
+def rank_device(local_rank: int | None = None,
+                backend: str | None = None) -> torch.device:
+    """Where a rank keeps its tensors: ``cuda:local_rank`` under NCCL, the CPU under
+    gloo. Without arguments, this process's in its initialized group (LOCAL_RANK
+    under torchrun, else its rank: ``launch`` starts every rank on one machine)."""
+    if backend is None:
+        backend = dist.get_backend()
+    if local_rank is None:
+        env = torchrun_env()
+        local_rank = env[2] if env is not None else dist.get_rank()
+    if backend != "nccl":
+        return torch.device("cpu")
+    gpus = gpu_count()
+    if not 0 <= local_rank < gpus:
+        raise ValueError(f"local_rank={local_rank} has no GPU of its own under "
+                         f"backend='nccl': {gpus} GPU(s) visible; start at most one "
+                         "rank per GPU, or use backend='gloo' (CPU processes)")
+    return torch.device("cuda", local_rank)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -87,12 +104,13 @@ def _worker(rank, world_size, port, backend, timeout, threads, payload, results)
         # is reported like any other error instead of killing the process unheard.
         fn, args = pickle.loads(payload)
         torch.set_num_threads(threads)
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
+        device = rank_device(rank, backend)  # every rank on this machine
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(
             backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
             world_size=world_size, timeout=timedelta(seconds=timeout))
-        value = fn(rank, world_size, *args)
+        value = _to_cpu(fn(rank, world_size, *args))  # the parent compares on the CPU
         # Plain pickle copies tensors into the message, so the parent can read them
         # after this process has exited (torch's shared-memory tensors could not).
         results.put((rank, "ok", pickle.dumps(value)))
@@ -103,6 +121,17 @@ def _worker(rank, world_size, port, backend, timeout, threads, payload, results)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _to_cpu(value):
+    """``value`` with every tensor in its dicts, lists and tuples on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if type(value) in (list, tuple):  # plain ones; a namedtuple comes back as is
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _check_fn(fn) -> None:
@@ -119,7 +148,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any,
            wall_timeout: float | None = None, threads: int | None = None) -> list:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` processes; return results.
 
-    backend: ``"gloo"`` or ``"nccl"``; None picks NCCL when each rank has a GPU.
+    backend: ``"gloo"`` or ``"nccl"``; None: :func:`default_backend` (NCCL when each
+    rank can have a GPU of its own). Under NCCL rank r works on ``cuda:r``.
     timeout: seconds a collective may wait before it raises (a lost peer is an error).
     wall_timeout: seconds the whole run may take (None: ``DEFAULT_WALL_TIMEOUT``).
     threads: torch threads per rank; by default the CPU cores are shared among ranks.
@@ -133,13 +163,7 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any,
     if not wall_timeout > 0:
         raise ValueError(f"wall_timeout must be > 0 seconds, got {wall_timeout!r}")
     backend = backend or default_backend(world_size)
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if backend == "nccl" and gpus < world_size:
-        # rank r would bind to cuda:r: two ranks must never share a GPU or name one
-        # that does not exist
-        raise ValueError(f"backend='nccl' needs one GPU per rank: world_size="
-                         f"{world_size} but {gpus} GPU(s) visible; use backend='gloo' "
-                         "(CPU processes) or fewer ranks")
+    rank_device(world_size - 1, backend)  # NCCL: a GPU of its own for every rank
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world_size)
     ctx = mp.get_context("spawn")
@@ -149,111 +173,16 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any,
                          args=(rank, world_size, port, backend, timeout, threads,
                                payload, results))
              for rank in range(world_size)]
-    logs = [_start_logged(p) for p in procs]
+    logs = [start_logged(p) for p in procs]
     grace = 0.0  # on failure the other ranks are stopped at once
     try:
-        values = _collect(procs, results, world_size, wall_timeout, logs)
+        values = collect(procs, results, world_size, wall_timeout, logs)
         grace = 10.0  # on success they are only tearing down the process group
         return values
     finally:
-        _stop(procs, grace)
+        stop(procs, grace)
         for log in logs:
-            _echo(log)
-
-
-def _start_logged(p) -> Any:
-    """Start ``p`` with its stderr in a temporary file, so that what a rank prints
-    before it dies can be shown in the error (and is echoed here afterwards)."""
-    log = tempfile.TemporaryFile(mode="w+b")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        os.dup2(log.fileno(), 2)  # the child inherits descriptor 2 as it starts
-        p.start()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    return log
-
-
-def _tail(log, chars: int = 3000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read().decode(errors="replace")[-chars:]
-
-
-def _echo(log) -> None:
-    text = _tail(log, 20_000)
-    log.close()
-    if text.strip():
-        sys.stderr.write(text)
-
-
-def _died(rank: int, p, log, then: str = "") -> WorkerError:
-    printed = _tail(log).strip()
-    hint = ""
-    if "bootstrapping phase" in printed:
-        hint = ("; the script that calls launch() must guard it with "
-                "`if __name__ == \"__main__\":` (each rank imports the script again)")
-    return WorkerError(rank, f"died with exit code {p.exitcode} before it could "
-                       f"report{then}{hint}; the other ranks were stopped",
-                       printed and f"(what rank {rank} printed)\n{printed}")
-
-
-def _collect(procs, results, world_size, wall_timeout, logs) -> list:
-    values: dict[int, Any] = {}
-    start = time.monotonic()
-    exited_at: dict[int, float] = {}
-    while len(values) < world_size:
-        try:
-            rank, status, payload = results.get(timeout=0.1)
-        except queue_lib.Empty:
-            now = time.monotonic()
-            for rank, p in enumerate(procs):
-                if rank in values or p.exitcode is None:
-                    continue
-                # A rank that died without a message (killed, segfault, out of
-                # memory, or it could not start fn).
-                if p.exitcode != 0:
-                    raise _died(rank, p, logs[rank])
-                # Exit code 0 but no result (os._exit(0), sys.exit() in a thread):
-                # wait briefly, the result may still be in the pipe.
-                if now - exited_at.setdefault(rank, now) > EXIT_GRACE:
-                    raise WorkerError(rank, "exited with code 0 without returning a "
-                                      "result (os._exit or a killed process?); the "
-                                      "other ranks were stopped")
-            if now - start > wall_timeout:
-                missing = sorted(set(range(world_size)) - set(values))
-                done = sorted(values)
-                raise WorkerError(missing[0], f"did not finish within wall_timeout="
-                                  f"{wall_timeout} s (unfinished ranks: {missing}; "
-                                  f"finished: {done}); every rank was stopped")
-            continue
-        if status == "error":
-            message, remote, kind = pickle.loads(payload)
-            for other, p in enumerate(procs):  # a peer that died is the root cause
-                p.join(timeout=0.5 if other != rank else 0)
-                if other != rank and p.exitcode not in (None, 0):
-                    raise _died(other, p, logs[other], f" (then rank {rank} {message})")
-            raise WorkerError(rank, message + "; the other ranks were stopped", remote,
-                              kind)
-        values[rank] = pickle.loads(payload)
-    return [values[r] for r in range(world_size)]
-
-
-def _stop(procs, grace: float) -> None:
-    """Join the ranks for ``grace`` seconds; terminate (then kill) the rest."""
-    deadline = time.monotonic() + grace
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
-    for p in procs:
-        if p.is_alive():
-            p.terminate()
-    for p in procs:
-        p.join(timeout=2.0)
-        if p.is_alive():
-            p.kill()
-            p.join()
+            echo(log)
 
 
 # ------------------------------------------------- functions written in a notebook

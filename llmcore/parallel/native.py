@@ -36,7 +36,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 
 from llmcore.nn import MultiHeadAttention
 from llmcore.parallel.activations import apply_activation_checkpointing
-from llmcore.parallel.launch import torchrun_env
+from llmcore.parallel.launch import (default_backend, gpu_count, rank_device,
+                                     torchrun_env)
 
 MODES = ("ddp", "fsdp", "tp")
 
@@ -53,30 +54,25 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def data_parallel(self) -> bool:
-        return self.world_size > 1
-
 
 def local_world_size(world_size: int) -> int:
     """Processes on this node: torchrun's LOCAL_WORLD_SIZE (all of them if unset)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
-def pick_device(local_rank: int, local_world: int, gpus: int
-                ) -> tuple[torch.device, str, str]:
-    """(device, backend, note) for a rank: its own GPU when every rank of the node has
-    one, else the CPU with gloo for all of them (ranks must agree on the backend, and
-    two ranks on one GPU would fight over its memory under NCCL)."""
+def pick_device(local_rank: int, local_world: int) -> tuple[torch.device, str, str]:
+    """(device, backend, note) for a rank of a node running ``local_world`` ranks:
+    :func:`~llmcore.parallel.launch.default_backend` and
+    :func:`~llmcore.parallel.launch.rank_device`, so its own GPU when every rank of
+    the node has one, else the CPU with gloo for all of them."""
     if not 0 <= local_rank < local_world:
         raise ValueError(f"local_rank={local_rank} must lie in [0, {local_world})")
-    if gpus >= local_world:
-        return torch.device("cuda", local_rank), "nccl", ""
-    note = ""
-    if gpus:
+    backend = default_backend(local_world)
+    note, gpus = "", gpu_count()
+    if backend == "gloo" and gpus:
         note = (f"{local_world} processes per node but {gpus} GPU(s): every rank runs "
                 "on the CPU with gloo; start at most one process per GPU to use them")
-    return torch.device("cpu"), "gloo", note
+    return rank_device(local_rank, backend), backend, note
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
@@ -86,8 +82,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Di
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return DistInfo(0, 1, 0, device)
     rank, world, local = env
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    device, default, note = pick_device(local, local_world_size(world), gpus)
+    device, default, note = pick_device(local, local_world_size(world))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if note and rank == 0:

@@ -10,8 +10,9 @@ the batch is cut into m micro-batches:
   stage alternates one forward and one backward, keeping at most p - s in flight.
 
 Both leave each stage idle for the same share of the step, the *bubble*
-(p - 1) / (m + p - 1). Sends are non-blocking (``isend``) so that two neighbours
-that both send never wait on each other; receives block.
+(p - 1) / (m + p - 1). Sends do not block, and a send followed by a receive from
+the same neighbour travels with it as one batch, so two neighbours that both send
+never wait on each other (NCCL would); receives block.
 """
 
 from __future__ import annotations
@@ -127,16 +128,20 @@ def run_pipeline(stage_mod: GPTStage, schedule: str, comm: Comm, x, y, n_micro: 
     micro-batches whose activations were held at once.
     """
     s, p = comm.rank, comm.world_size
+    plan = SCHEDULES[schedule](s, p, n_micro)
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
-    inputs, outputs, sends, events = {}, {}, [], []
-    loss, peak = torch.zeros((), device=x.device), 0
-    dt = next(stage_mod.parameters()).dtype  # activations travel in the model dtype
-    for kind, mb in SCHEDULES[schedule](s, p, n_micro):
+    inputs, outputs, events = {}, {}, []
+    p2p = _P2P(comm)
+    param = next(stage_mod.parameters())
+    dt = param.dtype  # activations travel in the model dtype
+    loss, peak = torch.zeros((), device=param.device), 0
+    dist.barrier(group=comm.group)  # start together (under NCCL: connect first)
+    for i, (kind, mb) in enumerate(plan):
         if kind == "F":
             inp = xs[mb] if s == 0 else \
-                comm.recv(x.new_empty(act_shape, dtype=dt), s - 1)
+                p2p.recv(x.new_empty(act_shape, dtype=dt, device=param.device), s - 1)
             inp.requires_grad_(s > 0)
-            start = time.perf_counter()
+            start = _clock(param)
             out = stage_mod(inp)
             if s == p - 1:
                 out = lm_loss(out, ys[mb]) / n_micro  # the mean over micro-batches
@@ -145,23 +150,75 @@ def run_pipeline(stage_mod: GPTStage, schedule: str, comm: Comm, x, y, n_micro: 
             peak = max(peak, len(outputs))
         else:
             out, inp = outputs.pop(mb), inputs.pop(mb)
-            grad = None if s == p - 1 else comm.recv(out.new_empty(act_shape), s + 1)
-            start = time.perf_counter()
+            grad = None if s == p - 1 else p2p.recv(out.new_empty(act_shape), s + 1)
+            start = _clock(param)
             out.backward(grad)
         events.append({"stage": s, "kind": kind, "mb": mb, "start": start,
-                       "end": time.perf_counter()})
+                       "end": _clock(param)})
+        after = plan[i + 1] if i + 1 < len(plan) else None
         if kind == "F" and s < p - 1:
-            sends.append(_isend(comm, out.detach(), s + 1))
+            p2p.send(out.detach(), s + 1, _source(after, s, p))
         if kind == "B" and s > 0:
-            sends.append(_isend(comm, inp.grad, s - 1))
-    for work in sends:
-        work.wait()
+            p2p.send(inp.grad, s - 1, _source(after, s, p))
+    p2p.finish()
     return {"loss": loss.item(), "events": events, "peak_in_flight": peak}
 
 
-def _isend(comm: Comm, t: torch.Tensor, dst: int):
-    comm.stats.record("send", t.numel() * t.element_size())
-    return dist.isend(t.contiguous(), dst=comm.global_rank(dst), group=comm.group)
+def _clock(param: torch.Tensor) -> float:
+    """The time now, after the GPU has finished what was queued (CUDA runs
+    asynchronously: without the wait an event would time only the launch)."""
+    if param.is_cuda:
+        torch.cuda.synchronize(param.device)
+    return time.perf_counter()
+
+
+def _source(step, s: int, p: int) -> int | None:
+    """The stage that ``step`` of stage ``s`` receives from (None: no receive)."""
+    if step is None:
+        return None
+    kind, _ = step
+    if kind == "F":
+        return s - 1 if s > 0 else None
+    return s + 1 if s < p - 1 else None
+
+
+class _P2P:
+    """Sends and receives of one stage. A send whose next step receives from the
+    same neighbour travels with that receive as one batch (Megatron's
+    send_forward_recv_backward): in 1F1B both neighbours send, then receive, and
+    under NCCL two blocking sends towards each other would wait forever."""
+
+    def __init__(self, comm: Comm):
+        self.comm = comm
+        self.held: list[dist.P2POp] = []  # sends waiting for the next receive
+        self.works: list = []
+        self.sent: list[torch.Tensor] = []  # kept alive until the sends complete
+
+    def _op(self, fn, t: torch.Tensor, peer: int) -> dist.P2POp:
+        return dist.P2POp(fn, t, self.comm.global_rank(peer), self.comm.group)
+
+    def send(self, t: torch.Tensor, dst: int, next_source: int | None) -> None:
+        t = t.contiguous()
+        self.comm.stats.record("send", t.numel() * t.element_size())
+        self.sent.append(t)
+        self.held.append(self._op(dist.isend, t, dst))
+        if next_source != dst:
+            self.works += dist.batch_isend_irecv(self.held)
+            self.held = []
+
+    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
+        works = dist.batch_isend_irecv(self.held + [self._op(dist.irecv, t, src)])
+        self.held = []
+        self.works += works[:-1]
+        works[-1].wait()
+        return t
+
+    def finish(self) -> None:
+        if self.held:
+            self.works += dist.batch_isend_irecv(self.held)
+        for work in self.works:
+            work.wait()
+        self.held, self.works, self.sent = [], [], []
 
 
 def sync_tied_grads(model: nn.Module, comm: Comm) -> None:

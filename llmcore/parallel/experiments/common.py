@@ -18,7 +18,7 @@ from llmcore.tokenizer.char import CharTokenizer
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The GPT and the run that the parallel chapters train on gloo processes."""
+    """The GPT and the run that the parallel chapters train on several ranks."""
 
     n_layer: int  # blocks (a multiple of the pipeline stages)
     n_head: int  # heads (a multiple of the tensor-parallel ranks)
@@ -38,8 +38,8 @@ class DemoConfig:
                          n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
 
 
-# The hand-written schemes run on CPU processes on both tiers (gloo); the gpu tier
-# only trains a larger model for longer.
+# The gpu tier trains a larger model for longer; its ranks run on GPUs with NCCL
+# where each has one (launch.default_backend), else on CPU processes with gloo.
 DEMO = Tiered(cpu=DemoConfig(2, 4, 32, 32, 8, 20, 0.5),
               gpu=DemoConfig(4, 4, 128, 64, 32, 200, 0.5))
 
@@ -60,39 +60,48 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
-def local_batches(data, rank: int, world_size: int):
-    """This rank's slice of every batch of ``data`` = (X, Y)."""
+def local_batches(data, rank: int, world_size: int, device="cpu"):
+    """This rank's slice of every batch of ``data`` = (X, Y), on ``device``."""
     for x, y in zip(*data):
-        yield x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        yield (x.chunk(world_size)[rank].to(device),
+               y.chunk(world_size)[rank].to(device))
 
 
-def train_single(model_fn, data, lr: float = 0.1, seed: int = 0) -> dict:
-    """The reference: one process, the full batch, plain SGD."""
+def to_cpu(state: dict) -> dict:
+    """Copies of a state dict's tensors on the CPU, where results are compared."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+def train_single(model_fn, data, lr: float = 0.1, seed: int = 0,
+                 device="cpu") -> dict:
+    """The reference: one process, the full batch, plain SGD, on ``device`` (the
+    ranks' kind of device, so that both round alike); weights come back on the CPU."""
     torch.manual_seed(seed)
-    model = model_fn()
+    model = model_fn().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for x, y in zip(*data):
-        _, loss = model(x, y)
+        _, loss = model(x.to(device), y.to(device))
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "losses": losses}
+    return {"state": to_cpu(model.state_dict()), "losses": losses}
 
 
-def train_adam_single(model_fn, data, lr: float = 1e-2, seed: int = 0) -> dict:
-    """The reference: one process, the full batch, torch's Adam; the weights."""
+def train_adam_single(model_fn, data, lr: float = 1e-2, seed: int = 0,
+                      device="cpu") -> dict:
+    """The reference: one process, the full batch, torch's Adam, on ``device``; the
+    weights, on the CPU."""
     torch.manual_seed(seed)
-    model = model_fn()
+    model = model_fn().to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     for x, y in zip(*data):
-        _, loss = model(x, y)
+        _, loss = model(x.to(device), y.to(device))
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return to_cpu(dict(model.named_parameters()))
 
 
 def units_of(model: nn.Module, name: str) -> list[nn.Module]:

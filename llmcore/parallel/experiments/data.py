@@ -11,18 +11,23 @@ from torch import nn
 
 from llmcore.parallel.compression import make_hook
 from llmcore.parallel.data_parallel import BucketedDataParallel, NaiveDataParallel
+from llmcore.parallel.experiments.common import to_cpu
+from llmcore.parallel.launch import rank_device
 from llmcore.parallel.rng import rank_seed
 
 
 def wrap(kind: str, model: nn.Module, group=None, bucket_cap_mb: float = 25.0):
-    """The data-parallel wrapper named ``kind``: naive, bucketed or ddp (PyTorch's)."""
+    """The data-parallel wrapper named ``kind``: naive, bucketed or ddp (PyTorch's),
+    around ``model`` on the device it is on."""
     if kind == "naive":
         return NaiveDataParallel(model, group)
     if kind == "bucketed":
         return BucketedDataParallel(model, group, bucket_cap_mb=bucket_cap_mb)
     if kind == "ddp":
+        device = next(model.parameters()).device
+        ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(
-            model, process_group=group, bucket_cap_mb=bucket_cap_mb)
+            model, device_ids=ids, process_group=group, bucket_cap_mb=bucket_cap_mb)
     raise ValueError(f"kind must be 'naive', 'bucketed' or 'ddp', got {kind!r}")
 
 
@@ -33,12 +38,14 @@ def train_worker(rank: int, world_size: int, model_fn, kind: str, data,
 
     ``hook`` names a compression hook of ``llmcore.parallel.compression``. Returns the
     final weights, the global loss per step, the payload bytes sent and seconds/step.
-    Each rank seeds its own generator (:func:`~llmcore.parallel.rng.rank_seed`): its
-    dropout masks are its own, and its initial weights differ until the wrapper
-    broadcasts rank 0's.
+    Model and batches live on :func:`~llmcore.parallel.launch.rank_device` (its GPU
+    under NCCL). Each rank seeds its own generator
+    (:func:`~llmcore.parallel.rng.rank_seed`): its dropout masks are its own, and its
+    initial weights differ until the wrapper broadcasts rank 0's.
     """
     torch.manual_seed(rank_seed(seed, rank))
-    model = model_fn()
+    device = rank_device()
+    model = model_fn().to(device)
     dp = wrap(kind, model, bucket_cap_mb=bucket_cap_mb)
     state = None
     if hook is not None:
@@ -47,9 +54,9 @@ def train_worker(rank: int, world_size: int, model_fn, kind: str, data,
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     losses, start = [], time.perf_counter()
     for x, y in zip(*data):
-        micro = list(zip(x.chunk(world_size)[rank].chunk(accumulate),
-                         y.chunk(world_size)[rank].chunk(accumulate)))
-        total = torch.zeros(())
+        micro = list(zip(x.chunk(world_size)[rank].to(device).chunk(accumulate),
+                         y.chunk(world_size)[rank].to(device).chunk(accumulate)))
+        total = torch.zeros((), device=device)  # NCCL reduces only GPU tensors
         for i, (xm, ym) in enumerate(micro):
             last = i == len(micro) - 1
             with contextlib.nullcontext() if last else dp.no_sync():
@@ -62,8 +69,8 @@ def train_worker(rank: int, world_size: int, model_fn, kind: str, data,
         losses.append(total.item() / world_size)
     seconds = (time.perf_counter() - start) / len(losses)
     sent = getattr(state if state is not None else dp, "bytes_sent", None)
-    return {"state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-            "losses": losses, "bytes_sent": sent, "seconds_per_step": seconds}
+    return {"state": to_cpu(model.state_dict()), "losses": losses, "bytes_sent": sent,
+            "seconds_per_step": seconds}
 
 
 def dp_sweep(rank: int, world_size: int, model_fn, data, lr: float,

@@ -19,18 +19,22 @@ from llmcore.models.gpt import GPT
 from llmcore.parallel.experiments.common import DEMO, shakespeare_batches
 from llmcore.parallel.native import (MODES, apply_parallel, clip_grad_norm_,
                                      full_state, init_distributed, parallelize_gpt)
+from llmcore.parallel.launch import rank_device
 
 
 def native_worker(rank: int, world_size: int, cfg, x, y, seed: int = 0) -> dict:
-    """One backward with each engine; largest gradient difference to one device."""
+    """One backward with each engine on this rank's device; largest gradient
+    difference to one device (the same kind of device)."""
     torch.manual_seed(seed)
-    ref = GPT(cfg)
+    device = rank_device()
+    ref = GPT(cfg).to(device)
+    x, y = x.to(device), y.to(device)
     ref(x, y)[1].backward()
     gaps = {}
     for mode in MODES:
         model = copy.deepcopy(ref)
         model.zero_grad(set_to_none=True)
-        model = apply_parallel(model, mode, torch.device("cpu"))
+        model = apply_parallel(model, mode, device)
         mine = (x, y) if mode == "tp" else (x.chunk(world_size)[rank],
                                             y.chunk(world_size)[rank])
         model(*mine)[1].backward()

@@ -10,15 +10,19 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from llmcore.nn.loss import lm_loss
 from llmcore.parallel.comm import Comm
+from llmcore.parallel.launch import rank_device
 from llmcore.parallel.pipeline import GPTStage, run_pipeline, sync_tied_grads
 
 
 def pipeline_worker(rank: int, world_size: int, model_fn, schedule: str, x, y,
                     n_micro: int, seed: int = 0, repeats: int = 1) -> dict:
-    """``repeats`` steps of ``schedule`` on this rank's stage; gradients (of the last
-    step) named as in the model, the timed events of every step."""
+    """``repeats`` steps of ``schedule`` on this rank's stage, on its device;
+    gradients (of the last step) named as in the model, the timed events of every
+    step."""
     torch.manual_seed(seed)  # every rank builds the same model, keeps its stage
-    model = model_fn()
+    device = rank_device()
+    model = model_fn().to(device)
+    x, y = x.to(device), y.to(device)
     stage = GPTStage(model, rank, world_size)
     comm = Comm()
     act_shape = (x.shape[0] // n_micro, x.shape[1], model.config.n_embd)
@@ -26,7 +30,6 @@ def pipeline_worker(rank: int, world_size: int, model_fn, schedule: str, x, y,
     for _ in range(repeats):
         stage.zero_grad()
         comm.stats.reset()
-        dist.barrier()  # every stage starts the step together
         out = run_pipeline(stage, schedule, comm, x, y, n_micro, act_shape)
         runs.append(out["events"])
     out["runs"] = runs  # the events of every repeat (a busy machine adds noise)
@@ -43,9 +46,11 @@ def torch_pipelining_worker(rank: int, world_size: int, model_fn, schedule: str,
                             n_micro: int, seed: int = 0) -> dict:
     """The same step with ``torch.distributed.pipelining`` (ScheduleGPipe/1F1B)."""
     torch.manual_seed(seed)
-    model = model_fn()
+    device = rank_device()
+    model = model_fn().to(device)
+    x, y = x.to(device), y.to(device)
     stage_mod = GPTStage(model, rank, world_size)
-    stage = PipelineStage(stage_mod, rank, world_size, torch.device("cpu"))
+    stage = PipelineStage(stage_mod, rank, world_size, device)
     cls = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[schedule]
     sched = cls(stage, n_microbatches=n_micro, loss_fn=lm_loss)
     losses: list = []
@@ -74,13 +79,14 @@ def dp_pp_worker(rank: int, world_size: int, model_fn, x, y, n_micro: int,
     """Data x pipeline parallel on a (dp, 2) mesh: each row is a two-stage 1F1B
     pipeline on its share of the batch; rows average their gradients."""
     dp = world_size // 2
-    mesh = init_device_mesh("cpu", (dp, 2), mesh_dim_names=("dp", "pp"))
+    device = rank_device()
+    mesh = init_device_mesh(device.type, (dp, 2), mesh_dim_names=("dp", "pp"))
     row, stage_idx = mesh.get_local_rank("dp"), mesh.get_local_rank("pp")
     torch.manual_seed(seed)
-    model = model_fn()
+    model = model_fn().to(device)
     stage = GPTStage(model, stage_idx, 2)
     comm = Comm(mesh.get_group("pp"))
-    x, y = x.chunk(dp)[row], y.chunk(dp)[row]
+    x, y = x.chunk(dp)[row].to(device), y.chunk(dp)[row].to(device)
     act_shape = (x.shape[0] // n_micro, x.shape[1], model.config.n_embd)
     run_pipeline(stage, "1f1b", comm, x, y, n_micro, act_shape)
     sync_tied_grads(model, comm)

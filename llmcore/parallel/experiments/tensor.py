@@ -13,6 +13,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 
 from llmcore.models.gpt import GPT
 from llmcore.parallel.data_parallel import NaiveDataParallel
+from llmcore.parallel.launch import rank_device
 from llmcore.parallel.tensor_parallel import apply_tensor_parallel, full_tensors
 
 
@@ -24,11 +25,15 @@ def grad_gap(ref: nn.Module, model: nn.Module) -> float:
 
 
 def tp_worker(rank: int, world_size: int, cfg, x, y, seed: int = 0) -> dict:
-    """One forward/backward of a GPT whole and tensor-parallel; losses, gradient gap,
-    payload of the step and the size of this rank's slice."""
+    """One forward/backward of a GPT whole and tensor-parallel, both on this rank's
+    device; losses, gradient gap, payload of the step and the size of this rank's
+    slice."""
     torch.manual_seed(seed)  # same weights on every rank; each keeps its slice
+    device = rank_device()
     ref = GPT(cfg)
-    model = apply_tensor_parallel(copy.deepcopy(ref), None)
+    # split on the CPU (the parallel layers are built there), then move both
+    model = apply_tensor_parallel(copy.deepcopy(ref), None).to(device)
+    ref, x, y = ref.to(device), x.to(device), y.to(device)
     _, loss = ref(x, y)
     loss.backward()
     _, tp_loss = model(x, y)
@@ -44,10 +49,12 @@ def hybrid_worker(rank: int, world_size: int, cfg, x, y, tp: int = 2,
     """Data x tensor parallel on a (dp, tp) device mesh: ranks of a row split every
     matrix, rows split the batch; gradients compared with one process."""
     dp = world_size // tp
-    mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+    device = rank_device()
+    mesh = init_device_mesh(device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(seed)
     ref = GPT(cfg)
-    model = apply_tensor_parallel(copy.deepcopy(ref), mesh.get_group("tp"))
+    model = apply_tensor_parallel(copy.deepcopy(ref), mesh.get_group("tp")).to(device)
+    ref, x, y = ref.to(device), x.to(device), y.to(device)
     ddp = NaiveDataParallel(model, mesh.get_group("dp"))
     row = mesh.get_local_rank("dp")
     _, loss = ddp(x.chunk(dp)[row], y.chunk(dp)[row])
@@ -71,10 +78,12 @@ def dtensor_worker(rank: int, world_size: int, cfg, x, y, seed: int = 0) -> floa
     contiguous blocks (rank 0 would hold all of q), not into the heads of q, k and v
     that the attention needs; llmcore slices each of the three."""
     torch.manual_seed(seed)
+    device = rank_device()
     ref = GPT(cfg)
-    mine = apply_tensor_parallel(copy.deepcopy(ref), None)
-    theirs = copy.deepcopy(ref)
-    mesh = init_device_mesh("cpu", (world_size,))
+    mine = apply_tensor_parallel(copy.deepcopy(ref), None).to(device)
+    theirs = copy.deepcopy(ref).to(device)
+    x, y = x.to(device), y.to(device)
+    mesh = init_device_mesh(device.type, (world_size,))
     plan = {k: v for k, v in TP_PLAN.items() if k.startswith("ffn")}
     for block in theirs.blocks:
         parallelize_module(block, mesh, plan)

@@ -1,7 +1,10 @@
 """Measured timelines: when each rank computes and when it communicates.
 
 Every process of one machine reads the same monotonic clock (``time.perf_counter``),
-so events recorded on different ranks share one time axis.
+so events recorded on different ranks share one time axis. On a GPU the work runs
+asynchronously: the step's start, the end of forward and the end of the step wait
+for the device; the end of backward is when the host saw the last gradient, and an
+all-reduce ends when a CUDA event queued behind it on the GPU fires.
 
 * :func:`dp_timeline_worker`: a step of :class:`BucketedDataParallel` with each
   bucket's all-reduce timed from launch to completion, beside forward and backward;
@@ -17,6 +20,7 @@ import torch
 
 from llmcore.parallel.comm import HookState, allreduce_hook
 from llmcore.parallel.data_parallel import BucketedDataParallel
+from llmcore.parallel.launch import rank_device
 from llmcore.parallel.rng import rank_seed
 
 
@@ -33,9 +37,13 @@ def timed_allreduce_hook(state: TimedHookState, bucket):
     start = time.perf_counter()
 
     def finished(fut):
+        value, end = fut.value(), time.perf_counter()
+        if value.is_cuda:  # NCCL's future completes once the work is queued: time
+            end = torch.cuda.Event(enable_timing=True)  # its end on the GPU instead
+            end.record()
         state.events.append({"kind": "comm", "bucket": bucket.index(),
-                             "start": start, "end": time.perf_counter()})
-        return fut.value()
+                             "start": start, "end": end})
+        return value
 
     return allreduce_hook(state, bucket).then(finished)
 
@@ -46,10 +54,11 @@ def dp_timeline_worker(rank: int, world_size: int, model_fn, x, y,
     """Time a bucketed data-parallel step (the last of ``repeats``): forward,
     backward (until the last gradient), each bucket's all-reduce, the wait."""
     torch.manual_seed(rank_seed(seed, rank))
-    model = model_fn()
+    device = rank_device()
+    model = model_fn().to(device)
     last_grad = [0.0]
 
-    def grad_ready(p):
+    def grad_ready(p):  # no wait for the GPU here: it would wait for the buckets too
         last_grad[0] = time.perf_counter()
 
     # Registered before the wrapper's hooks, so it runs first: for the last gradient
@@ -57,20 +66,41 @@ def dp_timeline_worker(rank: int, world_size: int, model_fn, x, y,
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(grad_ready)
     dp = BucketedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
-    xs, ys = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+    xs = x.chunk(world_size)[rank].to(device)
+    ys = y.chunk(world_size)[rank].to(device)
     for _ in range(repeats):
         state = TimedHookState()
         dp.register_comm_hook(state, timed_allreduce_hook)
-        t0 = time.perf_counter()
+        t0 = _clock(device)
+        mark = _mark(device)
         _, loss = dp(xs, ys)
-        t1 = time.perf_counter()
+        t1 = _clock(device)
         loss.backward()  # returns after the wrapper waited for every bucket
-        t2 = time.perf_counter()
+        t2 = _clock(device)
+        for e in state.events:  # GPU events into seconds on the host's clock
+            if not isinstance(e["end"], float):
+                e["end"] = t0 + mark.elapsed_time(e["end"]) / 1e3
         model.zero_grad()
     events = [{"kind": "forward", "start": t0, "end": t1},
               {"kind": "backward", "start": t1, "end": last_grad[0]},
               {"kind": "wait", "start": last_grad[0], "end": t2}] + state.events
     return {"events": events, "buckets": len(dp.buckets), "rank": rank}
+
+
+def _clock(device: torch.device) -> float:
+    """The time now, once the GPU has finished the work queued before."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _mark(device: torch.device):
+    """A CUDA event recorded now (the GPU is idle: it matches the host's clock)."""
+    if device.type != "cuda":
+        return None
+    mark = torch.cuda.Event(enable_timing=True)
+    mark.record()
+    return mark
 
 
 def overlap(events: list[dict]) -> float:

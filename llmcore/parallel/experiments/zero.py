@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 from llmcore.parallel.comm import nbytes
 from llmcore.parallel.experiments.common import local_batches, units_of
+from llmcore.parallel.launch import rank_device
 from llmcore.parallel.rng import rank_seed
 from llmcore.parallel.zero import ZeroDataParallel
 
@@ -16,14 +18,16 @@ from llmcore.parallel.zero import ZeroDataParallel
 def zero_worker(rank: int, world_size: int, model_fn, stage: int, data,
                 param_dtype: torch.dtype = torch.float32, units: str = "",
                 lr: float = 1e-2, seed: int = 0) -> dict:
-    """Train with ZeRO ``stage``; return weights, state bytes and payload per step."""
+    """Train with ZeRO ``stage`` on this rank's device; return weights (on the CPU),
+    state bytes and payload per step."""
     torch.manual_seed(rank_seed(seed, rank))  # differs on purpose: broadcast fixes it
-    model = model_fn()
+    device = rank_device()
+    model = model_fn().to(device)
     z = ZeroDataParallel(model, stage, units=units_of(model, units),
                          param_dtype=param_dtype, lr=lr)
     z.comm.stats.reset()  # count the training steps only, not the initial broadcast
     steps = 0
-    for x, y in local_batches(data, rank, world_size):
+    for x, y in local_batches(data, rank, world_size, device):
         _, loss = z(x, y)
         loss.backward()
         memory = z.state_bytes()  # after backward, before the step: the largest
@@ -42,12 +46,16 @@ def fsdp_worker(rank: int, world_size: int, model_fn, data, units: str = "",
     # FSDP2 warns about modules that return views; our models never modify them.
     warnings.filterwarnings("ignore", message=".*returned a view tensor")
     torch.manual_seed(seed)  # fully_shard keeps each rank's own values: start equal
-    model = model_fn()
+    device = rank_device()
+    model = model_fn().to(device)
+    # An explicit mesh on the rank's device: FSDP2's default mesh is on the GPU
+    # whenever one exists, also for CPU ranks under gloo.
+    mesh = init_device_mesh(device.type, (world_size,))
     for u in units_of(model, units):
-        fully_shard(u)
-    fully_shard(model)
+        fully_shard(u, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for x, y in local_batches(data, rank, world_size):
+    for x, y in local_batches(data, rank, world_size, device):
         _, loss = model(x, y)
         loss.backward()
         local = [p.to_local() for p in model.parameters()]
