@@ -3,16 +3,23 @@ command line, checkpointed in shards and resumed at another number of processes 
 processes, gloo)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import llmcore.train.sharded as sharded
+from llmcore.config import override
+from llmcore.data import get_batch
 from llmcore.parallel.launch import free_port
-from llmcore.train import read_checkpoint
+from llmcore.runtime import setup
+from llmcore.train import read_checkpoint, train
 from llmcore.train.__main__ import main, parse_args
+from llmcore.train.run import PRESETS, build_data, build_model
 
 
 def torchrun(nproc: int, *flags: str) -> subprocess.CompletedProcess:
@@ -23,12 +30,70 @@ def torchrun(nproc: int, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
+def launch(out, nproc: int, *flags: str) -> tuple[dict, dict]:
+    """Run the CLI on a mesh into ``out``; its metrics and whole final weights."""
+    result = torchrun(nproc, "--out", str(out), *flags)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    return metrics, read_checkpoint(out / "ckpt.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """What the 6-step fp32 runs below compute, on one process: the same initial
+    weights (seed 0), each step's global batch of 2 x 12 rows from
+    ``global_batches``, the same schedule. Returns (losses, whole weights); the
+    losses are those of the first 12 rows, which rank 0 of a mesh reports."""
+    rt = setup(seed=0, tier="cpu")
+    preset = rt.pick(PRESETS["shakespeare-char"])
+    cfg = override(preset.train, max_steps=6, warmup_steps=0, progress=False)
+    data = build_data(preset)
+    model = build_model(preset, data.tokenizer.vocab_size)
+    rows = preset.batch_size
+    batches = sharded.global_batches(
+        lambda g: get_batch(data.train, 2 * rows, preset.block_size, g), rt.seed, 0, 1)
+    rank0 = []
+
+    def loss_fn(model, batch):
+        logits, loss = model(*batch)
+        rank0.append(F.cross_entropy(logits[:rows].flatten(0, 1),
+                                     batch[1][:rows].flatten()).item())
+        return loss
+    train(model, batches, cfg, loss_fn=loss_fn)
+    return rank0, model.state_dict()
+
+
+def test_global_batches_are_a_function_of_seed_and_step():
+    data = torch.arange(1000)
+
+    def sample(g):
+        return get_batch(data, 8, 5, g)
+    whole, g = sharded.global_batches(sample, 3, 0, 1), torch.Generator()
+    first, second = whole(4, g), whole(4, g)  # two micro-batches of step 4
+    assert not torch.equal(first[0], second[0])
+    assert not torch.equal(whole(5, g)[0], first[0])
+    assert torch.equal(whole(4, g)[0], first[0])  # after other steps: the same
+    other = sharded.global_batches(sample, 4, 0, 1)(4, torch.Generator())
+    assert not torch.equal(other[0], first[0])  # another seed, other batches
+    for rank in (0, 1):  # each data-parallel rank takes its rows of the global batch
+        half, h = sharded.global_batches(sample, 3, rank, 2), torch.Generator()
+        rows = slice(4 * rank, 4 * rank + 4)
+        for micro in (first, second):
+            x, y = half(4, h)
+            assert torch.equal(x, micro[0][rows]) and torch.equal(y, micro[1][rows])
+    with pytest.raises(ValueError, match="dp_rank must lie in"):
+        sharded.global_batches(sample, 0, 2, 2)
+    with pytest.raises(ValueError, match="cannot share evenly"):
+        sharded.global_batches(sample, 0, 0, 3)(0, g)
+
+
 @pytest.mark.distributed
-def test_mesh_run_resumes_on_fewer_processes(tmp_path):
+def test_mesh_run_resumes_on_fewer_processes(tmp_path, reference):
     out = tmp_path / "mesh"
-    first = torchrun(4, "--dp", "2", "--tp", "2", "--steps", "4", "--out", str(out))
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "4 steps, final train loss" in first.stdout
+    result = torchrun(4, "--dp", "2", "--tp", "2", "--steps", "6", "--stop-at", "3",
+                      "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 steps, final train loss" in result.stdout
     assert (out / "ckpt.dcp" / ".metadata").is_file()
     before = json.loads((out / "metrics.json").read_text())["history"]["loss"]
     # the whole model for single-process tools: fused qkv, full (V, C) embedding
@@ -37,20 +102,43 @@ def test_mesh_run_resumes_on_fewer_processes(tmp_path):
     assert state["blocks.0.self_attn.qkv_proj.weight"].shape == (384, 128)
     assert all(type(t) is torch.Tensor for t in state.values())
 
-    again = torchrun(2, "--dp", "2", "--tp", "1", "--steps", "6", "--out", str(out),
-                     "--resume")
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "resuming" in again.stdout and "at step 4" in again.stdout
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics, state = launch(out, 2, "--dp", "2", "--tp", "1", "--steps", "6",
+                            "--resume")
     loss = metrics["history"]["loss"]
-    assert len(loss) == 6 and loss[:4] == before  # continued, not restarted
-    assert loss[4] < before[0] - 0.3  # from the trained weights, not fresh ones
-    assert metrics["resumes"][0]["at_step"] == 4
+    assert len(loss) == 6 and loss[:3] == before  # continued, not restarted
+    assert metrics["resumes"][0]["at_step"] == 3
+    assert any("mesh" in c for c in metrics["resumes"][0]["changes"])
     assert read_checkpoint(out / "ckpt.pt")["step"] == 6
+    # Only the tensor-parallel degree changed: the same global batches, so the run
+    # is one device's on them, up to fp32 rounding of the other reductions. Fresh
+    # batches (or fresh weights) after the resume would be off by far more.
+    ref_loss, ref_state = reference
+    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    for name, t in state.items():
+        torch.testing.assert_close(t, ref_state[name], rtol=1e-3, atol=1e-4)
     with pytest.raises(ValueError, match="final weights of a --dp/--tp run; resume "
                                          "it with --dp/--tp under torchrun"):
         main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "8",
               "--no-progress", "--out", str(out), "--resume"])
+
+
+@pytest.mark.distributed
+def test_bf16_mesh_run_resumes_bit_for_bit(tmp_path, reference):
+    flags = ("--dp", "2", "--tp", "1", "--steps", "6", "--precision", "bf16")
+    whole, whole_state = launch(tmp_path / "whole", 2, *flags)
+    part = tmp_path / "part"
+    launch(part, 2, *flags, "--stop-at", "3")
+    metrics, state = launch(part, 2, *flags, "--resume")
+    loss = whole["history"]["loss"]
+    assert all(math.isfinite(v) for v in loss) and loss[-1] < loss[0] - 0.3
+    # bf16 ran (FSDP2 casts the weights it gathers): not the fp32 run's losses
+    assert loss != reference[0] and loss == pytest.approx(reference[0], abs=0.1)
+    # stopped at 3 and resumed: the uninterrupted run's losses and weights, exactly
+    assert metrics["resumes"][0]["at_step"] == 3
+    assert metrics["history"]["loss"] == loss
+    assert state.keys() == whole_state.keys()
+    for name, t in whole_state.items():
+        assert t.dtype == torch.float32 and torch.equal(state[name], t), name
 
 
 @pytest.mark.distributed
