@@ -1,4 +1,5 @@
-"""Parallel training by hand, on several processes: data, ZeRO, tensor, pipeline.
+"""Parallel training by hand, on several processes: data, ZeRO, tensor, pipeline,
+context (ring attention).
 
 Every scheme runs under :func:`launch` with gloo on the CPU (or NCCL on GPUs) and is
 checked against a single process and against PyTorch's own implementation. The
@@ -7,6 +8,8 @@ experiments the chapters run on top of them (workers, sweeps, timelines) live in
 """
 
 from llmcore.parallel.comm import Comm, CommStats, HookState, allreduce_hook
+from llmcore.parallel.context_parallel import (ContextParallel,
+                                               ContextParallelAttention)
 from llmcore.parallel.data_parallel import BucketedDataParallel, NaiveDataParallel
 from llmcore.parallel.launch import WorkerError, launch
 from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
@@ -15,6 +18,7 @@ from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelL
 from llmcore.parallel.zero import ZeroDataParallel
 
 __all__ = ["BucketedDataParallel", "ColumnParallelLinear", "Comm", "CommStats",
+           "ContextParallel", "ContextParallelAttention",
            "HookState", "NaiveDataParallel", "RowParallelLinear",
            "VocabParallelEmbedding", "WorkerError", "ZeroDataParallel",
            "allreduce_hook", "apply_tensor_parallel", "launch"]

@@ -10,5 +10,6 @@ imports this package; the chapters, labs, benchmarks and tests do.
 * :mod:`.zero`: ZeRO and FSDP2 (chapter 15);
 * :mod:`.tensor`: tensor and data x tensor parallelism (chapters 16 and 19);
 * :mod:`.pipeline`: pipeline schedules and data x pipeline (chapters 17 and 19);
+* :mod:`.context`: ring attention, context parallelism (chapter 16);
 * :mod:`.timeline`: measured timelines of bucketed data parallelism and 1F1B, plots.
 """
