@@ -38,6 +38,7 @@ from llmcore.nn import MultiHeadAttention
 from llmcore.parallel.activations import apply_activation_checkpointing
 from llmcore.parallel.launch import (default_backend, gpu_count, rank_device,
                                      torchrun_env)
+from llmcore.runtime import select_device
 
 MODES = ("ddp", "fsdp", "tp")
 
@@ -78,9 +79,8 @@ def pick_device(local_rank: int, local_world: int) -> tuple[torch.device, str, s
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> DistInfo:
     """Join the process group torchrun set up; a single process without torchrun."""
     env = torchrun_env()
-    if env is None:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return DistInfo(0, 1, 0, device)
+    if env is None:  # one process: the device any page would pick
+        return DistInfo(0, 1, 0, select_device())
     rank, world, local = env
     device, default, note = pick_device(local, local_world_size(world))
     if device.type == "cuda":
