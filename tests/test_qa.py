@@ -6,44 +6,86 @@ import itertools
 import pytest
 import torch
 
+from llmcore.apps.metrics import paired_difference_ci
 from llmcore.apps.qa import (SEP, QAExample, SpanReader, best_span, encode,
                              exact_match, f1, normalize_answer, span_loss,
-                             speaker_questions)
+                             speaker_baselines, speaker_questions, speakers)
 from llmcore.data import load_corpus
 from llmcore.models.bert import BERT, BertConfig
-from llmcore.tokenizer import CharTokenizer
+from llmcore.tokenizer import BPETokenizer, CharTokenizer
 
 TEXT = load_corpus("shakespeare")
 
 
-def test_questions_name_the_speaker_of_the_quoted_line():
-    examples = speaker_questions(TEXT, 50, generator=torch.Generator().manual_seed(0))
-    assert len(examples) == 50
+def test_questions_name_the_speaker_whose_speech_opens_with_the_quote():
+    examples = speaker_questions(TEXT, 60, generator=torch.Generator().manual_seed(0))
+    assert len(examples) == 60
     for ex in examples:
         assert ex.context[ex.start:ex.start + len(ex.answer)] == ex.answer
-        assert ex.context[ex.start + len(ex.answer)] == ":"
-        quote = ex.question[len("Who says: "):-1]
-        line = ex.context[ex.start + len(ex.answer) + 2:].split("\n")[0]
-        assert line.lower().startswith(quote), (quote, line)
-    assert len({ex.answer for ex in examples}) > 5
+        assert ex.context[ex.start + len(ex.answer):].startswith(":\n")
+        assert ex.start == 0 or ex.context[ex.start - 2:ex.start] == "\n\n"
+        quote = ex.question[len('Who says "'):-2]
+        assert len(quote.split()) == 4 and ex.context.count(quote) == 1
+        speech = ex.context[ex.start + len(ex.answer) + 2:]
+        assert " ".join(speech.split()).startswith(quote), (quote, speech)
+        assert len(set(speakers(ex.context))) >= 3 and len(ex.context) <= 250
+    assert len({ex.answer for ex in examples}) > 10
+
+
+def test_held_out_passages_come_from_another_part_of_the_text():
+    g = torch.Generator().manual_seed(1)
+    train = speaker_questions(TEXT, 200, span=(0.0, 0.9), generator=g)
+    test = speaker_questions(TEXT, 200, span=(0.9, 1.0), generator=g)
+    cut = TEXT.index(test[0].context)
+    assert all(TEXT.index(ex.context) < cut for ex in train[:50])
+    assert not {ex.context for ex in train} & {ex.context for ex in test}
+    with pytest.raises(ValueError, match="span"):
+        speaker_questions(TEXT, 3, span=(0.5, 0.5))
+
+
+def test_no_heuristic_that_skips_the_question_answers_it():
+    examples = speaker_questions(TEXT, 600, generator=torch.Generator().manual_seed(2))
+    baselines = speaker_baselines(examples, torch.Generator().manual_seed(0))
+    assert set(baselines) == {"first speaker", "last speaker", "most frequent",
+                              "longest speech", "random speaker"}
+    for name, answers in baselines.items():
+        em = sum(map(exact_match, answers, [ex.answer for ex in examples])) / 600
+        assert 0.15 < em < 0.45, (name, em)  # three or more speakers, drawn uniformly
+
+
+def test_baselines_on_a_passage_by_hand():
+    context = "Ann:\nHi.\n\nBob:\nA long speech, this one.\n\nCy:\nNo.\n\nAnn:\nYes."
+    ex = QAExample(context, 'Who says "No."?', "Cy", context.index("Cy"))
+    assert speakers(context) == ["Ann", "Bob", "Cy", "Ann"]
+    got = {k: v[0] for k, v in speaker_baselines([ex]).items()}
+    assert got["first speaker"] == "Ann" and got["last speaker"] == "Ann"
+    assert got["most frequent"] == "Ann" and got["longest speech"] == "Bob"
+    assert got["random speaker"] in {"Ann", "Bob", "Cy"}
 
 
 def test_an_answer_outside_its_context_is_refused():
     with pytest.raises(ValueError, match="not at offset"):
         QAExample("ROMEO:\nhi", "Who says: hi?", "JULIET", 0)
-    with pytest.raises(ValueError, match="fewer than three"):
+    with pytest.raises(ValueError, match="no passage"):
         speaker_questions("no speakers here", 3)
 
 
-def test_encode_marks_the_answer_tokens():
-    tok = CharTokenizer.train(TEXT, special_tokens=[SEP])
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_encode_marks_the_answer_tokens(kind):
+    if kind == "char":  # the play has no double quote: the questions add one
+        tok = CharTokenizer.train(TEXT + '"', special_tokens=[SEP])
+    else:
+        tok = BPETokenizer.train(TEXT[:100_000], 400, special_tokens=[SEP])
     examples = speaker_questions(TEXT, 8, generator=torch.Generator().manual_seed(1))
-    batch = encode(examples, tok, 256)
+    batch = encode(examples, tok, 300)
     for b, ex in enumerate(examples):
         s, e = batch["start"][b].item(), batch["end"][b].item()
+        n = batch["attention_mask"][b].sum().item()
         assert tok.decode(batch["input_ids"][b, s:e + 1].tolist()) == ex.answer
+        assert tok.decode(batch["input_ids"][b, :n].tolist()) == (ex.question + SEP
+                                                                   + ex.context)
         assert batch["context_mask"][b, s:e + 1].all()
-        assert not batch["context_mask"][b, :len(ex.question)].any()
+        assert not batch["context_mask"][b, :len(tok.encode(ex.question)) + 1].any()
     with pytest.raises(ValueError, match="block_size"):
         encode(examples, tok, 50)
 
@@ -68,11 +110,12 @@ def test_squad_metrics():
 
 def test_reader_masks_the_question_and_learns_a_small_set():
     torch.manual_seed(0)
-    tok = CharTokenizer.train(TEXT, special_tokens=[SEP])
-    examples = speaker_questions(TEXT, 16, context_chars=80,
+    tok = CharTokenizer.train(TEXT + '"', special_tokens=[SEP])
+    examples = speaker_questions(TEXT, 16, context_chars=100, min_speakers=2,
+                                 quote_words=2,
                                  generator=torch.Generator().manual_seed(2))
-    batch = encode(examples, tok, 128)
-    cfg = BertConfig(vocab_size=tok.vocab_size, block_size=128, n_layer=2, n_head=2,
+    batch = encode(examples, tok, 160)
+    cfg = BertConfig(vocab_size=tok.vocab_size, block_size=160, n_layer=2, n_head=2,
                      n_embd=32)
     reader = SpanReader(BERT(cfg), cfg.n_embd)
     start, end = reader(batch["input_ids"], batch["attention_mask"],
@@ -90,3 +133,21 @@ def test_reader_masks_the_question_and_learns_a_small_set():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_paired_difference_interval():
+    g = torch.Generator().manual_seed(0)
+    same = paired_difference_ci([1, 0, 1, 1], [1, 0, 1, 1], generator=g)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    a = (torch.rand(400, generator=g) < 0.7).float()
+    b = a * (torch.rand(400, generator=g) < 0.6).float()  # b right only where a is
+    better = paired_difference_ci(a, b, generator=g)
+    assert better.value == pytest.approx((a - b).mean().item())
+    assert 0 < better.low < better.value < better.high
+    worse = paired_difference_ci(b, a, generator=g)
+    assert worse.high < 0
+    # Unpaired, the same two accuracies would overlap far more: pairing is the point.
+    narrow = better.high - better.low
+    assert narrow < 0.12
+    with pytest.raises(ValueError, match="same non-zero length"):
+        paired_difference_ci([1, 0], [1])

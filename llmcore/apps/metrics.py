@@ -10,6 +10,8 @@
   one, averaged over texts.
 - :func:`accuracy_ci`: accuracy with a Wilson score interval (Wilson 1927) or a
   percentile bootstrap (Efron 1979).
+- :func:`paired_difference_ci`: the mean difference of two systems scored on the same
+  examples, with a paired bootstrap interval (Efron and Tibshirani 1993).
 - :func:`confusion_matrix`: counts, rows = true class, columns = predicted class
   (the layout of scikit-learn's ``confusion_matrix``).
 
@@ -255,3 +257,27 @@ def paired_difference_ci(preds_a, preds_b, labels, confidence: float = 0.95,
     alpha = (1 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha])).tolist()
     return Interval(float(diff.sum()) / n, low, high, confidence)
+
+
+def paired_difference_ci(scores_a, scores_b, confidence: float = 0.95,
+                         n_boot: int = 2000, generator: torch.Generator | None = None
+                         ) -> Interval:
+    """Mean of ``scores_a - scores_b`` over the same examples with a paired percentile
+    bootstrap interval: each resample draws examples, keeping both systems' scores of
+    an example together, so what the systems share (easy and hard examples) cancels.
+    An interval above 0 says system a is better on this population of examples."""
+    a = torch.as_tensor(scores_a, dtype=torch.float64)
+    b = torch.as_tensor(scores_b, dtype=torch.float64)
+    if a.shape != b.shape or a.dim() != 1 or a.numel() == 0:
+        raise ValueError(f"scores_a and scores_b must be 1-D of the same non-zero "
+                         f"length (one score per example), got {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    diff = a - b
+    idx = torch.randint(diff.numel(), (n_boot, diff.numel()), generator=generator)
+    means = diff[idx].mean(dim=1)  # (n_boot,)
+    alpha = (1 - confidence) / 2
+    low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha],
+                                                   dtype=torch.float64)).tolist()
+    return Interval(diff.mean().item(), low, high, confidence)

@@ -1,20 +1,21 @@
 """Extractive question answering: a span head on an encoder, questions made from the
-corpus, and the SQuAD metrics.
+corpus, trivial baselines, and the SQuAD metrics.
 
 An extractive reader (Devlin et al. 2019, on SQuAD, Rajpurkar et al. 2016) reads
 ``question <|sep|> context`` with an encoder and predicts, at every context position,
 a logit for "the answer starts here" and one for "it ends here"; the answer is the
 span with the highest sum of the two, start before end. The questions here are made
-from the play text, so no labelled data is needed: a passage of turns
+from the play text, so no labelled data is needed. A passage of whole speeches by at
+least three characters gives questions like
 
-    ROMEO:
-    But soft, what light through yonder window breaks?
+    Who says "Dally not with the"?      ->  TRANIO
 
-gives "Who says: but soft, what light?" with the answer "ROMEO", the speaker
-named in the passage above that line. Character tokens keep positions simple: token
-``i`` of the context is its character ``i``.
+where the quote opens one of the speeches and the answer is the name above it. The
+speaker is drawn uniformly from the passage's characters, so "the first (last, most
+frequent) speaker" is right only about one time in three: the quote must be found.
 
-    speaker_questions(text, n, context_chars, generator) -> list[QAExample]
+    speaker_questions(text, n, context_chars, span, generator) -> list[QAExample]
+    speaker_baselines(examples, generator) -> {heuristic: list of answers}
     encode(examples, tokenizer, block_size) -> dict of (B, T) tensors
     SpanReader(encoder, n_embd)(ids, attention_mask, context_mask) -> (start, end)
     span_loss(start_logits, end_logits, start, end) -> loss
@@ -34,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SEP = "<|sep|>"
-SPEAKER = re.compile(r"^([A-Z][A-Z ]+):$", re.MULTILINE)
+# A speech is a block "Name:\nwords...", blocks separated by a blank line.
+TAG = re.compile(r"(?:^|\n\n)([A-Z][A-Za-z' ]*):\n(?=\S)")
 
 
 @dataclass(frozen=True)
@@ -50,39 +52,92 @@ class QAExample:
                              f"{self.start} of the context")
 
 
-def speaker_questions(text: str, n: int, context_chars: int = 200,
-                      quote_words: int = 4, generator: torch.Generator | None = None
-                      ) -> list[QAExample]:
-    """``n`` "who says" questions on passages of ``text`` of at most
-    ``context_chars`` characters, each holding at least two speakers' turns."""
-    if n < 1 or context_chars < 40:
-        raise ValueError(f"need n >= 1 and context_chars >= 40, got {n}, {context_chars}")
-    turns = [m for m in SPEAKER.finditer(text)]
-    if len(turns) < 3:
-        raise ValueError("text has fewer than three 'NAME:' turns; use the play text")
+def speakers(context: str) -> list[str]:
+    """The names of the speeches of a passage, in order (with repeats)."""
+    return [m.group(1) for m in TAG.finditer(context)]
+
+
+def _windows(text: str, context_chars: int, min_speakers: int,
+             span: tuple[float, float]) -> list[tuple[int, int]]:
+    """(start, end) character ranges of runs of whole speeches, inside ``span`` (a
+    fraction of the speeches), at most ``context_chars`` long, with at least
+    ``min_speakers`` different names."""
+    blocks, pos = [], 0
+    for block in text.split("\n\n"):
+        m = TAG.match("\n\n" + block)
+        blocks.append((pos, pos + len(block), m.group(1)) if m else None)
+        pos += len(block) + 2
+    lo, hi = int(span[0] * len(blocks)), int(span[1] * len(blocks))
+    out = []
+    for i in range(lo, hi):
+        names = set()
+        for j in range(i, hi):
+            if blocks[j] is None or blocks[j][1] - blocks[i][0] > context_chars:
+                break
+            names.add(blocks[j][2])
+            if len(names) >= min_speakers:
+                out.append((blocks[i][0], blocks[j][1]))
+    return out
+
+
+def speaker_questions(text: str, n: int, context_chars: int = 250,
+                      min_speakers: int = 3, quote_words: int = 4,
+                      span: tuple[float, float] = (0.0, 1.0),
+                      generator: torch.Generator | None = None) -> list[QAExample]:
+    """``n`` "who says" questions on passages of whole speeches of ``text`` (from the
+    ``span`` fraction of its speeches, so that a held-out part can be kept apart)."""
+    if n < 1 or context_chars < 40 or min_speakers < 2 or quote_words < 1:
+        raise ValueError(f"need n >= 1, context_chars >= 40, min_speakers >= 2 and "
+                         f"quote_words >= 1, got {n}, {context_chars}, {min_speakers}, "
+                         f"{quote_words}")
+    if not 0.0 <= span[0] < span[1] <= 1.0:
+        raise ValueError(f"span must be (lo, hi) with 0 <= lo < hi <= 1, got {span}")
+    windows = _windows(text, context_chars, min_speakers, span)
+    if not windows:
+        raise ValueError(f"no passage of at most {context_chars} characters has "
+                         f"{min_speakers} speakers; raise context_chars or use the "
+                         "play text")
+
+    def pick(seq):
+        return seq[int(torch.randint(len(seq), (1,), generator=generator))]
+
     examples, tries = [], 0
     while len(examples) < n:
         tries += 1
         if tries > 50 * n:
             raise ValueError(f"found only {len(examples)} questions for n={n}; "
-                             f"raise context_chars ({context_chars})")
-        i = int(torch.randint(len(turns) - 2, (1,), generator=generator))
-        start = turns[i].start()
-        context = text[start:start + context_chars]
-        inside = [m for m in SPEAKER.finditer(context)]
-        names = {m.group(1) for m in inside}
-        if len(names) < 2:
-            continue
-        m = inside[int(torch.randint(len(inside), (1,), generator=generator))]
-        line_end = context.find("\n", m.end() + 1)
-        line = context[m.end() + 1: line_end if line_end > 0 else None]
-        words = line.split()
-        if len(words) < quote_words or line_end < 0:
-            continue
-        quote = " ".join(words[:quote_words]).lower()
-        examples.append(QAExample(context, f"Who says: {quote}?", m.group(1),
-                                  m.start(1)))
+                             f"lower quote_words ({quote_words})")
+        a, b = pick(windows)
+        context = text[a:b]
+        tags = list(TAG.finditer(context))
+        who = pick(sorted({m.group(1) for m in tags}))  # uniform over the speakers
+        tag = pick([m for m in tags if m.group(1) == who])
+        quote = " ".join(context[tag.end():].split()[:quote_words])
+        if len(quote.split()) < quote_words or context.count(quote) != 1:
+            continue  # too short a speech, or a quote that occurs twice
+        examples.append(QAExample(context, f'Who says "{quote}"?', who, tag.start(1)))
     return examples
+
+
+def speaker_baselines(examples: list[QAExample],
+                      generator: torch.Generator | None = None) -> dict[str, list[str]]:
+    """Answers of heuristics that do not read the question: the passage's first,
+    last and most frequent speaker, the speaker of its longest speech, and a speaker
+    drawn at random."""
+    out = collections.defaultdict(list)
+    for ex in examples:
+        tags = list(TAG.finditer(ex.context))
+        names = [m.group(1) for m in tags]
+        ends = [m.start() for m in tags[1:]] + [len(ex.context)]
+        out["first speaker"].append(names[0])
+        out["last speaker"].append(names[-1])
+        out["most frequent"].append(collections.Counter(names).most_common(1)[0][0])
+        out["longest speech"].append(max(zip((e - m.end() for m, e in zip(tags, ends)),
+                                             names))[1])
+        distinct = sorted(set(names))
+        i = int(torch.randint(len(distinct), (1,), generator=generator))
+        out["random speaker"].append(distinct[i])
+    return dict(out)
 
 
 def encode(examples: list[QAExample], tokenizer, block_size: int) -> dict[str, Tensor]:
@@ -91,14 +146,20 @@ def encode(examples: list[QAExample], tokenizer, block_size: int) -> dict[str, T
     rows, starts, ends, context_at = [], [], [], []
     for ex in examples:
         head = tokenizer.encode(ex.question) + tokenizer.encode(SEP)
-        ids = head + tokenizer.encode(ex.context)
+        # The context is encoded in three pieces, so that the answer is whole tokens
+        # at a known place whatever the tokenizer (a subword one could merge across
+        # the answer's edges otherwise).
+        before = tokenizer.encode(ex.context[:ex.start])
+        answer = tokenizer.encode(ex.answer)
+        ids = (head + before + answer
+               + tokenizer.encode(ex.context[ex.start + len(ex.answer):]))
         if len(ids) > block_size:
             raise ValueError(f"an example has {len(ids)} tokens, block_size is "
                              f"{block_size}; make context_chars smaller")
         rows.append(ids)
         context_at.append(len(head))
-        starts.append(len(head) + ex.start)      # character tokens: offset = position
-        ends.append(len(head) + ex.start + len(ex.answer) - 1)
+        starts.append(len(head) + len(before))
+        ends.append(len(head) + len(before) + len(answer) - 1)
     T = max(map(len, rows))
     pad = tokenizer.encode(SEP)[0]
     ids = torch.full((len(rows), T), pad, dtype=torch.long)
