@@ -16,9 +16,11 @@ import llmcore.train.sharded as sharded
 from llmcore.config import override
 from llmcore.data import get_batch
 from llmcore.parallel.launch import free_port
+from llmcore.parallel.native import DistInfo
 from llmcore.runtime import setup
 from llmcore.train import read_checkpoint, train
 from llmcore.train.__main__ import main, parse_args
+from llmcore.train import run as run_module
 from llmcore.train.run import PRESETS, build_data, build_model
 
 
@@ -141,12 +143,14 @@ def test_bf16_mesh_run_resumes_bit_for_bit(tmp_path, reference):
         assert t.dtype == torch.float32 and torch.equal(state[name], t), name
 
 
-@pytest.mark.distributed
-def test_mesh_that_does_not_fit_the_processes_is_a_clear_error(tmp_path):
-    result = torchrun(2, "--dp", "2", "--tp", "2", "--steps", "1", "--out",
-                      str(tmp_path / "x"))
-    assert result.returncode != 0
-    assert "--dp 2 x --tp 2 = 4 processes, but torchrun started 2" in result.stderr
+def test_mesh_that_does_not_fit_the_processes_is_a_clear_error(monkeypatch):
+    # what torchrun's two processes would each see; the check comes before any
+    # process group or mesh is made, so no processes need starting to reach it
+    two = DistInfo(0, 2, 0, torch.device("cpu"))
+    monkeypatch.setattr(run_module, "init_distributed", lambda: two)
+    with pytest.raises(ValueError, match=r"--dp 2 x --tp 2 = 4 processes, but "
+                                         r"torchrun started 2: .*--nproc_per_node 4"):
+        run_module.prepare_mesh(torch.nn.Linear(2, 2), 2, 2)
 
 
 @pytest.mark.distributed
