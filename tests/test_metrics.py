@@ -192,21 +192,26 @@ def test_mcnemar_rejects_at_its_level_under_the_null():
 
 
 def test_paired_difference_ci():
+    """The paired bootstrap on two classifiers' per-example correctness."""
     g = torch.Generator().manual_seed(1)
+
+    def right(a, b, y):
+        return (a == y).float(), (b == y).float()
+
     a, b, y = _pairs(180, 120, both_right=600, both_wrong=100)
-    iv = paired_difference_ci(a, b, y, generator=g)
+    iv = paired_difference_ci(*right(a, b, y), generator=g)
     assert iv.value == pytest.approx(60 / 1000)
     # the paired standard error: sqrt((b + c) / n - d^2) / sqrt(n)
     se = math.sqrt((300 / 1000 - 0.06 ** 2) / 1000)
     assert iv.low == pytest.approx(0.06 - 1.96 * se, abs=0.006)
     assert iv.high == pytest.approx(0.06 + 1.96 * se, abs=0.006)
-    # 0.75 against 0.71: the two intervals overlap, the paired one excludes 0
+    # 0.75 against 0.71: the two intervals overlap, the paired one excludes 0, and
+    # McNemar agrees
     a, b, y = _pairs(150, 110, both_right=600, both_wrong=140)
     assert accuracy_ci(a, y).low < accuracy_ci(b, y).high
-    assert paired_difference_ci(a, b, y, generator=g).low > 0
-    same = paired_difference_ci(a, a, y, generator=g)
-    assert same.value == same.low == same.high == 0.0
+    assert paired_difference_ci(*right(a, b, y), generator=g).low > 0
+    assert mcnemar_test(a, b, y).p_value < 0.05
     with pytest.raises(ValueError, match="same non-zero length"):
-        paired_difference_ci(a[:-1], b, y)
+        mcnemar_test(a[:-1], b, y)
     with pytest.raises(ValueError, match="alternative"):
         mcnemar_test(a, b, y, alternative="less")

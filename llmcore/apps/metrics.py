@@ -239,26 +239,6 @@ def mcnemar_test(preds_a, preds_b, labels, alternative: str = "two-sided"
     return PairedTest(b, c, p, alternative)
 
 
-def paired_difference_ci(preds_a, preds_b, labels, confidence: float = 0.95,
-                         n_boot: int = 2000,
-                         generator: torch.Generator | None = None) -> Interval:
-    """Accuracy of A minus accuracy of B, with a paired percentile bootstrap interval.
-
-    Each resample draws the same examples for both models, so the interval reflects
-    only how the models differ on the examples, not how hard the test set happens to be.
-    """
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
-    right_a, right_b = _paired_correct(preds_a, preds_b, labels)
-    diff = right_a.float() - right_b.float()  # per example: +1, 0 or -1
-    n = diff.numel()
-    idx = torch.randint(n, (n_boot, n), generator=generator)
-    means = diff[idx].mean(dim=1)  # (n_boot,)
-    alpha = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([alpha, 1 - alpha])).tolist()
-    return Interval(float(diff.sum()) / n, low, high, confidence)
-
-
 def paired_difference_ci(scores_a, scores_b, confidence: float = 0.95,
                          n_boot: int = 2000, generator: torch.Generator | None = None
                          ) -> Interval:
