@@ -8,8 +8,9 @@ import torch
 
 from llmcore.apps.metrics import paired_difference_ci
 from llmcore.apps.qa import (SEP, QAExample, SpanReader, best_span, encode,
-                             exact_match, f1, normalize_answer, span_loss,
-                             speaker_baselines, speaker_questions, speakers)
+                             exact_match, f1, normalize_answer, predict_answers,
+                             qa_loss, span_loss, speaker_baselines,
+                             speaker_questions, speakers)
 from llmcore.data import load_corpus
 from llmcore.models.bert import BERT, BertConfig
 from llmcore.tokenizer import BPETokenizer, CharTokenizer
@@ -30,6 +31,26 @@ def test_questions_name_the_speaker_whose_speech_opens_with_the_quote():
         assert " ".join(speech.split()).startswith(quote), (quote, speech)
         assert len(set(speakers(ex.context))) >= 3 and len(ex.context) <= 250
     assert len({ex.answer for ex in examples}) > 10
+
+
+def test_renamed_passages_keep_the_words_and_change_the_names():
+    renamed = speaker_questions(TEXT, 40, rename=True,
+                                generator=torch.Generator().manual_seed(3))
+    cast = set(speakers(TEXT))
+    moved = 0
+    for ex in renamed:
+        assert ex.context[ex.start:ex.start + len(ex.answer)] == ex.answer
+        quote = ex.question[len('Who says "'):-2]
+        speech = ex.context[ex.start + len(ex.answer) + 2:]
+        assert " ".join(speech.split()).startswith(quote)
+        names = speakers(ex.context)
+        assert len(set(names)) >= 3 and set(names) <= cast
+        blocks = ex.context.split("\n\n")
+        assert len(blocks) == len(names)  # every speech kept its (new) name tag
+        for block in blocks:  # the words of every speech are the play's
+            assert "\n" + block.split(":\n", 1)[1] in TEXT
+        moved += f"\n{ex.answer}:\n{speech.split(chr(10))[0]}" not in TEXT
+    assert moved > 30  # most quotes now belong to a speaker who never said them
 
 
 def test_held_out_passages_come_from_another_part_of_the_text():
@@ -122,17 +143,20 @@ def test_reader_masks_the_question_and_learns_a_small_set():
                         batch["context_mask"])
     assert torch.isinf(start[~batch["context_mask"]]).all()
     assert torch.isfinite(start[batch["context_mask"]]).all()
+    assert qa_loss(reader, batch) == span_loss(start, end, batch["start"],
+                                               batch["end"])
     opt = torch.optim.AdamW(reader.parameters(), lr=3e-3)
     losses = []
     for _ in range(60):
-        start, end = reader(batch["input_ids"], batch["attention_mask"],
-                            batch["context_mask"])
-        loss = span_loss(start, end, batch["start"], batch["end"])
+        loss = qa_loss(reader, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], losses[::10]
+    answers = predict_answers(reader, batch, tok, max_answer_len=20)
+    right = sum(map(exact_match, answers, [ex.answer for ex in examples]))
+    assert right >= 12, list(zip(answers, [ex.answer for ex in examples]))
 
 
 def test_paired_difference_interval():

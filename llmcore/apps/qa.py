@@ -14,11 +14,13 @@ where the quote opens one of the speeches and the answer is the name above it. T
 speaker is drawn uniformly from the passage's characters, so "the first (last, most
 frequent) speaker" is right only about one time in three: the quote must be found.
 
-    speaker_questions(text, n, context_chars, span, generator) -> list[QAExample]
+    speaker_questions(text, n, context_chars, span, rename, generator) -> examples
     speaker_baselines(examples, generator) -> {heuristic: list of answers}
     encode(examples, tokenizer, block_size) -> dict of (B, T) tensors
     SpanReader(encoder, n_embd)(ids, attention_mask, context_mask) -> (start, end)
     span_loss(start_logits, end_logits, start, end) -> loss
+    qa_loss(model, batch) -> loss                 # a loss_fn for llmcore.train
+    predict_answers(model, batch, tokenizer, max_answer_len) -> list of answers
     best_span(start_logits, end_logits, max_answer_len) -> (B,), (B,)
     exact_match(prediction, gold), f1(prediction, gold)   # SQuAD's normalisation
 """
@@ -82,10 +84,16 @@ def _windows(text: str, context_chars: int, min_speakers: int,
 
 def speaker_questions(text: str, n: int, context_chars: int = 250,
                       min_speakers: int = 3, quote_words: int = 4,
-                      span: tuple[float, float] = (0.0, 1.0),
+                      span: tuple[float, float] = (0.0, 1.0), rename: bool = False,
                       generator: torch.Generator | None = None) -> list[QAExample]:
     """``n`` "who says" questions on passages of whole speeches of ``text`` (from the
-    ``span`` fraction of its speeches, so that a held-out part can be kept apart)."""
+    ``span`` fraction of its speeches, so that a held-out part can be kept apart).
+
+    ``rename`` gives the speakers of each passage other names of the cast, drawn at
+    random: a model can then not learn who says a line by heart, only by reading
+    (the entity anonymisation of Hermann et al., "Teaching Machines to Read and
+    Comprehend", 2015).
+    """
     if n < 1 or context_chars < 40 or min_speakers < 2 or quote_words < 1:
         raise ValueError(f"need n >= 1, context_chars >= 40, min_speakers >= 2 and "
                          f"quote_words >= 1, got {n}, {context_chars}, {min_speakers}, "
@@ -101,6 +109,7 @@ def speaker_questions(text: str, n: int, context_chars: int = 250,
     def pick(seq):
         return seq[int(torch.randint(len(seq), (1,), generator=generator))]
 
+    cast = sorted(set(speakers(text)))
     examples, tries = [], 0
     while len(examples) < n:
         tries += 1
@@ -115,8 +124,29 @@ def speaker_questions(text: str, n: int, context_chars: int = 250,
         quote = " ".join(context[tag.end():].split()[:quote_words])
         if len(quote.split()) < quote_words or context.count(quote) != 1:
             continue  # too short a speech, or a quote that occurs twice
-        examples.append(QAExample(context, f'Who says "{quote}"?', who, tag.start(1)))
+        start = tag.start(1)
+        if rename:
+            context, start, who = _rename(context, tags, tag, cast, generator)
+        examples.append(QAExample(context, f'Who says "{quote}"?', who, start))
     return examples
+
+
+def _rename(context: str, tags: list, answer: re.Match, cast: list[str],
+            generator: torch.Generator | None) -> tuple[str, int, str]:
+    """The passage with each speaker's name replaced by a distinct random one of the
+    cast; the answer's new offset and name."""
+    names = sorted({m.group(1) for m in tags})
+    pick = torch.randperm(len(cast), generator=generator)[:len(names)].tolist()
+    new = dict(zip(names, (cast[i] for i in pick)))
+    out, at, start = [], 0, 0
+    for m in tags:
+        out.append(context[at:m.start(1)])
+        if m is answer:
+            start = sum(map(len, out))
+        out.append(new[m.group(1)])
+        at = m.end(1)
+    out.append(context[at:])
+    return "".join(out), start, new[answer.group(1)]
 
 
 def speaker_baselines(examples: list[QAExample],
@@ -192,6 +222,26 @@ class SpanReader(nn.Module):
 def span_loss(start_logits: Tensor, end_logits: Tensor, start: Tensor,
               end: Tensor) -> Tensor:
     return (F.cross_entropy(start_logits, start) + F.cross_entropy(end_logits, end)) / 2
+
+
+def qa_loss(model: SpanReader, batch: dict[str, Tensor]) -> Tensor:
+    """A ``loss_fn`` for ``llmcore.train``: the span loss of a batch from :func:`encode`."""
+    start, end = model(batch["input_ids"], batch["attention_mask"],
+                       batch["context_mask"])
+    return span_loss(start, end, batch["start"], batch["end"])
+
+
+@torch.no_grad()
+def predict_answers(model: SpanReader, batch: dict[str, Tensor], tokenizer,
+                    max_answer_len: int = 30) -> list[str]:
+    """The text of the best span of each row of a batch from :func:`encode`."""
+    model.eval()
+    start, end = model(batch["input_ids"], batch["attention_mask"],
+                       batch["context_mask"])
+    s, e = best_span(start, end, max_answer_len)
+    ids = batch["input_ids"].tolist()
+    return [tokenizer.decode(row[a:b + 1])
+            for row, a, b in zip(ids, s.tolist(), e.tolist())]
 
 
 @torch.no_grad()
