@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import importlib
 import pkgutil
 import sys
@@ -74,11 +75,24 @@ class Workload:
     budget_gb: float = GPU_BUDGET_GB  # the memory the page may use
 
 
+@functools.lru_cache(maxsize=256)
+def meta_gpt(vocab_size: int, context: int, n_layer: int, n_head: int,
+             n_embd: int) -> GPT:
+    """The GPT on the meta device (shapes only), built once per shape: the table
+    asks for each preset several times, and a build is a tenth of a second."""
+    with torch.device("meta"):
+        return GPT(GPTConfig(vocab_size, context, n_layer, n_head, n_embd))
+
+
+def workload_gpt(w: Workload) -> GPT:
+    head = w.n_head if w.n_embd % w.n_head == 0 else 1  # the heads do not change N
+    return meta_gpt(w.vocab_size, w.context, w.n_layer, head, w.n_embd)
+
+
 def memory(w: Workload, fused_attention: bool = True) -> dict[str, float]:
     """Training bytes of ``w``, by part; the model is built on the meta device."""
-    head = w.n_head if w.n_embd % w.n_head == 0 else 1
-    with torch.device("meta"):
-        model = GPT(GPTConfig(w.vocab_size, w.context, w.n_layer, head, w.n_embd))
+    model = workload_gpt(w)
+    head = model.config.n_head
     state = training_bytes(count_params(model), "mixed bf16 + AdamW")
     tokens = w.context * w.batch
     per_token = block_activation_bytes(w.n_embd, head, w.context, dtype_bytes=2,
@@ -100,9 +114,7 @@ def fits(w: Workload) -> bool:
 
 def h100_seconds(w: Workload) -> float:
     """Estimated training time of ``w`` on one H100 at ``UTILISATION``."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(w.vocab_size, w.context, w.n_layer, 1, w.n_embd))
-    flops = gpt_flops_per_token(model) * w.batch * w.context * w.steps
+    flops = gpt_flops_per_token(workload_gpt(w)) * w.batch * w.context * w.steps
     return flops / (UTILISATION * H100_BF16_FLOPS)
 
 
