@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from llmcore.bench import speed
+from llmcore.bench import nanogpt, profile, speed
 from llmcore.config import Tiered
 from llmcore.models.gpt import GPTConfig
 
@@ -45,15 +45,45 @@ def test_nanogpt_times_are_read_from_its_log(tmp_path):
     fake = tmp_path / "nanoGPT"
     fake.mkdir()
     lines = [f"iter {i}: loss 4.1, time {10.0 * (i + 1):.2f}ms, mfu -100.00%"
-             for i in range(speed.SETTLE + 4)]
+             for i in range(nanogpt.SETTLE + 4)]
     (fake / "train.py").write_text(textwrap.dedent(f"""
         print("tokens per iteration will be: 768")
         for line in {lines!r}:
             print(line)
     """))
-    times = speed.nanogpt_step_ms(fake, 3, {})
-    assert times == [10.0 * (i + 1) for i in range(speed.SETTLE + 1,
-                                                   speed.SETTLE + 4)]
+    times = nanogpt.nanogpt_step_ms(fake, 3, {})
+    assert times == [10.0 * (i + 1) for i in range(nanogpt.SETTLE + 1,
+                                                   nanogpt.SETTLE + 4)]
     (fake / "train.py").write_text("raise SystemExit('no data')")
     with pytest.raises(RuntimeError, match="prepare its data"):
-        speed.nanogpt_step_ms(fake, 3, {})
+        nanogpt.nanogpt_step_ms(fake, 3, {})
+
+
+def test_profile_groups_operators_into_families():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                torch.nn.Linear(256, 64))
+    x = torch.randn(32, 64)
+
+    def run(tick):
+        for _ in range(4):
+            tick()
+            model(x).square().mean().backward()
+
+    shares = profile.profiled(run, settle=1, steps=2)
+    assert shares["matmul"] > 0 and shares["activation"] > 0
+    assert "attention" not in shares  # no attention operator ran
+    parts = sum(v for k, v in shares.items() if k != "total")
+    assert shares["total"] == pytest.approx(parts)
+    assert profile.family("aten::_scaled_dot_product_flash_attention_for_cpu") == \
+        "attention"
+    with pytest.raises(ValueError, match="settle"):
+        profile.profiled(run, settle=0, steps=2)
+
+
+def test_profile_of_the_compared_char_model():
+    shares = profile.profiled(lambda tick: nanogpt.char_run(2, False, tick),
+                              settle=nanogpt.SETTLE, steps=2)
+    assert shares["matmul"] > 0 and shares["attention"] > 0
+    assert shares["optimizer"] > 0 and shares["norm"] > 0
+    assert shares["total"] == pytest.approx(sum(v for k, v in shares.items()
+                                                 if k != "total"))

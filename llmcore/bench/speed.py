@@ -10,10 +10,11 @@ as skipped, with the reason. The peak is measured first, a large matmul on the s
 device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results go to
 ``results/speed-<tier>.json`` with the hardware, the date and the torch version.
 
-``--compare-nanogpt PATH`` runs nanoGPT's ``train.py`` (a checkout at PATH, its
-shakespeare_char data prepared) and llmcore side by side on the same CPU model, in
-interleaved rounds, each in a fresh process timing its own steps, and records the ratio
-of the median step times.
+``--compare-nanogpt PATH`` runs nanoGPT and llmcore side by side on the same CPU
+model (:mod:`llmcore.bench.nanogpt`). ``--realtime`` (root or CAP_SYS_NICE) runs both
+under round-robin real-time scheduling, so that other programs on a shared machine do
+not take their core; ``--compile`` compiles llmcore's side (nanoGPT's CPU recipe is
+eager).
 """
 
 from __future__ import annotations
@@ -23,27 +24,23 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from llmcore.bench.mfu import gpt_flops_per_token, measure_peak_flops, mfu
+from llmcore.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
+from llmcore.bench.parallel import realtime
+from llmcore.bench.profile import profiled
 from llmcore.bench.results import slug
 from llmcore.config import Tiered
-from llmcore.data import get_batch, load_corpus
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.precision.fp8 import convert_to_float8, size_filter
 from llmcore.runtime import device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
-from llmcore.train import run as runs
 
 
 @dataclass(frozen=True)
@@ -151,79 +148,6 @@ def ladder(preset: SpeedPreset, device: torch.device, peak: float) -> list[dict]
     return rows
 
 
-# --- side by side with nanoGPT (CPU, the configuration of issue 12) ---------------
-
-CHAR = GPTConfig(65, 64, 4, 4, 128)  # 4 layers, 4 heads, width 128, context 64
-NANO_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
-             "--n_layer=4", "--n_head=4", "--n_embd=128", "--block_size=64",
-             "--batch_size=12", "--dropout=0.0", "--eval_interval=100000",
-             "--eval_iters=1", "--log_interval=1", "--always_save_checkpoint=False"]
-SETTLE = 5  # first steps of each process left out (allocation, warm caches)
-
-
-def char_ids() -> torch.Tensor:
-    """tiny-shakespeare as character ids (sorted characters, as CharTokenizer)."""
-    raw = np.frombuffer(load_corpus("shakespeare").encode("utf-8"), dtype=np.uint8)
-    lut = np.zeros(256, dtype=np.int64)
-    chars = np.unique(raw)
-    lut[chars] = np.arange(len(chars))
-    return torch.from_numpy(lut[raw])
-
-
-def llmcore_step_ms(steps: int) -> list[float]:
-    """Per-step wall times (ms) of the book's loop on the char model: the time between
-    successive calls for a batch, so everything a step does is inside."""
-    ids = char_ids()
-    stamps = []
-
-    def batch_fn(step, generator):
-        stamps.append(time.perf_counter())
-        return get_batch(ids, 12, CHAR.block_size, generator)
-
-    torch.manual_seed(1337)
-    tc = runs.PRESETS["shakespeare-char"].cpu.train
-    cfg = replace(tc, max_steps=steps + SETTLE + 1, eval_interval=0, ckpt_interval=0,
-                  progress=False)
-    train(GPT(CHAR), batch_fn, cfg)
-    return [1e3 * (b - a) for a, b in zip(stamps, stamps[1:])][SETTLE:]
-
-
-def nanogpt_step_ms(path: Path, steps: int, env: dict) -> list[float]:
-    """nanoGPT's own per-iteration times (ms), from its log, first steps left out."""
-    cmd = [sys.executable, "train.py", *NANO_ARGS, f"--max_iters={steps + SETTLE}"]
-    out = subprocess.run(cmd, cwd=path, env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"nanoGPT failed in {path} (prepare its data with `python "
-                           f"data/shakespeare_char/prepare.py`):\n{out.stderr[-2000:]}")
-    times = re.findall(r"iter \d+: loss [\d.]+, time ([\d.]+)ms", out.stdout)
-    return [float(t) for t in times][SETTLE + 1:]  # iteration 0 also evaluates
-
-
-def compare_nanogpt(path: Path, rounds: int, steps: int, threads: int) -> dict:
-    """Interleaved rounds: nanoGPT, then llmcore, each in a fresh process."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    ratios, nano, ours = [], [], []
-    for r in range(rounds):
-        n = statistics.median(nanogpt_step_ms(path, steps, env))
-        cmd = [sys.executable, "-m", "llmcore.bench", "speed", "--worker", str(steps)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        o = statistics.median(json.loads(out.stdout.splitlines()[-1]))
-        nano.append(n)
-        ours.append(o)
-        ratios.append(n / o)
-        print(f"  round {r + 1}: nanoGPT {n:.1f} ms, llmcore {o:.1f} ms per step; "
-              f"llmcore/nanoGPT tokens/s {n / o:.2f}")
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"), "load_average": os.getloadavg()[0],
-            "model": asdict(CHAR), "batch_size": 12, "threads": threads,
-            "rounds": rounds, "steps_per_round": steps, "nanogpt_ms": nano,
-            "llmcore_ms": ours, "ratios": ratios,
-            "ratio_median": statistics.median(ratios),
-            "ratio_range": [min(ratios), max(ratios)],
-            "method": "tokens/s ratio = nanoGPT median step time / llmcore median "
-                      "step time; each process times its own steps; rounds alternate"}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmcore.bench speed",
                                 description="Training speed and the ladder.")
@@ -233,11 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=9, help="nanoGPT comparison rounds")
     p.add_argument("--steps", type=int, default=60, help="steps per round")
     p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    p.add_argument("--realtime", action="store_true",
+                   help="run the comparison under round-robin real-time scheduling")
+    p.add_argument("--compile", action="store_true",
+                   help="compile llmcore's side of the comparison")
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker is not None:  # one llmcore round of the comparison
         torch.set_num_threads(args.threads)
-        print(json.dumps(llmcore_step_ms(args.worker)))
+        steps, compile = args.worker, args.compile
+        print(json.dumps(profiled(lambda tick: char_run(steps, compile, tick), SETTLE,
+                                  steps)
+                         if args.profile else llmcore_step_ms(steps, compile)))
         return 0
     rt = setup(seed=0)
     cuda = rt.device.type == "cuda"
@@ -268,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
                                       for r in LADDER[-2:]
                                       if skip_reason(r, rt.device) is None]}
     if args.compare_nanogpt is not None:
-        result["nanogpt"] = compare_nanogpt(args.compare_nanogpt, args.rounds,
-                                            args.steps, args.threads)
-        cmp = result["nanogpt"]
+        policy = realtime() if args.realtime else "normal"
+        key = "nanogpt_vs_compiled" if args.compile else "nanogpt"
+        result[key] = compare_nanogpt(args.compare_nanogpt, args.rounds, args.steps,
+                                      args.threads, args.compile, policy)
+        cmp = result[key]
         print(f"llmcore/nanoGPT tokens/s: median {cmp['ratio_median']:.2f}, range "
               f"{cmp['ratio_range'][0]:.2f}-{cmp['ratio_range'][1]:.2f}")
     with atomic_write(path, "w", encoding="utf-8") as f:
