@@ -9,9 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcore.apps.metrics import (accuracy_ci, confusion_matrix, corpus_bleu, distinct_n,
-                                  mcnemar_test, ngrams, paired_difference_ci,
-                                  repetition_rate, wilson_interval)
+from llmcore.apps.metrics import (accuracy_ci, confusion_matrix, corpus_bleu,
+                                  distinct_n, mcnemar_test, ngrams,
+                                  paired_difference_ci, repetition_rate,
+                                  wilson_interval)
 
 # The example of Papineni et al. (2002), section 2.1.
 H1 = ("It is a guide to action which ensures that the military always obeys the "
