@@ -57,6 +57,9 @@ MUTANTS = {
         5: [("y = update.to(w.dtype) - comp", "y = update.to(w.dtype) + comp"),
             ("comp.copy_((t - w) - y)", "comp.copy_(y - (t - w))"),   # sign flipped
             ("t = w + y", "t = w.float() + y.float()")],   # fp32 sum: no error seen
+        6: [("not torch.isfinite(output).all()", "torch.isinf(output).any()"),  # NaN
+            ("return found[0] if found", "return found[-1] if found"),   # the last
+            ("            h.remove()\n", "            pass\n")],          # hooks stay
     },
     "04-parallel": {
         1: [("p.grad /= world", "pass"),                         # a sum, not a mean
