@@ -1,13 +1,12 @@
 """One training loop for every model in the book.
 
-The loop knows nothing about the model. It asks a ``batch_fn(step, generator)`` for
-batches and a ``loss_fn(model, batch)`` for a scalar loss; the default
-``default_loss`` calls ``model(x, y)`` on a batch ``(x, y)`` and takes the loss from
-the returned ``(logits, loss)`` pair. A masked LM, ELECTRA or a classifier plugs in its
-own ``loss_fn``. Around that it does what every run needs: AdamW with decay and
-no-decay groups, warm-up + cosine, gradient accumulation weighted by tokens, clipping,
-mixed precision through ``torch.autocast`` (with a ``GradScaler`` for fp16), optional
-``torch.compile``, periodic evaluation, checkpoints that resume exactly, and a history.
+The loop knows nothing about the model: it asks a ``batch_fn(step, generator)`` for
+batches and a ``loss_fn(model, batch)`` for a scalar loss (``default_loss`` takes
+it from ``model(x, y)``, which returns ``(logits, loss)``). Around that it does what
+every run needs: AdamW with decay and no-decay groups, warm-up + cosine, gradient
+accumulation weighted by tokens, clipping, mixed precision through ``torch.autocast``
+(with a ``GradScaler`` for fp16), optional ``torch.compile``, periodic evaluation,
+checkpoints that resume exactly, and a history.
 
 A step never waits for the device: the loss, the gradient norm and a flag saying both
 are finite stay there, and the update of a step whose flag is down is skipped on the
@@ -15,9 +14,8 @@ device (the fused AdamW's ``found_inf``, as a ``GradScaler`` uses it). They are 
 every ``log_interval`` steps, before every evaluation and checkpoint, and at the end;
 a non-finite step found there stops the run, and nothing is saved after it.
 
-Precision is applied from outside the model: the weights stay in fp32 and autocast
-runs the matmuls in the chosen format (see Micikevicius et al., "Mixed Precision
-Training", 2018).
+Precision is applied from outside the model: fp32 weights, matmuls in the chosen format
+by autocast (Micikevicius et al., "Mixed Precision Training", 2018).
 """
 
 from __future__ import annotations
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 import llmcore.train.checkpoint as whole_file
 import llmcore.train.sharded as sharded
+from llmcore.runtime import keep_freed_memory
 from llmcore.train.optim import any_dtensor, make_optimizer, make_scheduler
 from llmcore.train.resume import MAY_CHANGE, check_resume, schedule_restart
 from llmcore.train.step import (PRECISIONS, BatchFn, LossFn, clip_grad_norm,
@@ -184,11 +183,12 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
     every ``cfg.ckpt_interval`` updates and at the end; ``resume=True`` continues from
     it if it exists (see :mod:`llmcore.train.resume` for what may differ); a model of
     DTensors saves it in shards. ``stop_at`` ends the run early after that many updates
-    (the schedule unchanged). ``dp_group``: the data-parallel process group, over which
-    the token count that weights the gradients is summed. ``meta``: plain data stored
-    in the checkpoint (``extra["meta"]``).
+    (schedule unchanged). ``dp_group``: the data-parallel group over which the token
+    count weighting the gradients is summed. ``meta``: plain data stored in the
+    checkpoint (``extra["meta"]``). CPU runs keep freed memory (``keep_freed_memory``).
     """
     device = next(model.parameters()).device
+    keep_freed_memory(device)
     ckpt = sharded if any_dtensor(model) else whole_file
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
