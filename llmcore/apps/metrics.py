@@ -12,6 +12,8 @@
   percentile bootstrap (Efron 1979).
 - :func:`paired_difference_ci`: the mean difference of two systems scored on the same
   examples, with a paired bootstrap interval (Efron and Tibshirani 1993).
+- :func:`mcnemar_test`: McNemar's exact test (McNemar 1947) of two classifiers scored
+  on the same examples, from the examples on which they disagree.
 - :func:`confusion_matrix`: counts, rows = true class, columns = predicted class
   (the layout of scikit-learn's ``confusion_matrix``).
 
