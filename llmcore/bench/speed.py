@@ -11,10 +11,10 @@ device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results 
 ``results/speed-<tier>.json`` with the hardware, the date and the torch version.
 
 ``--compare-nanogpt PATH`` runs nanoGPT and llmcore side by side on the same CPU
-model (:mod:`llmcore.bench.nanogpt`). ``--realtime`` (root or CAP_SYS_NICE) runs both
-under round-robin real-time scheduling, so that other programs on a shared machine do
-not take their core; ``--compile`` compiles llmcore's side (nanoGPT's CPU recipe is
-eager).
+model (:mod:`llmcore.bench.nanogpt`). ``--realtime`` (root or CAP_SYS_NICE) runs it
+all under round-robin real-time scheduling, so that other programs on a shared machine
+do not take the cores; ``--compile`` compiles llmcore's side of the comparison
+(nanoGPT's CPU recipe is eager).
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                                   steps)
                          if args.profile else llmcore_step_ms(steps, compile)))
         return 0
+    policy = realtime() if args.realtime else "normal"  # the ladder too
     rt = setup(seed=0)
     cuda = rt.device.type == "cuda"
     name = slug(device_name(rt.device)) if cuda else "cpu"
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         "hardware": rt.caps.describe() if cuda else cpu_model(),
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
         "capability": rt.caps.capability, "load_average": os.getloadavg()[0],
+        "scheduling": policy,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds")})
     if cuda:
@@ -200,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                                       for r in LADDER[-2:]
                                       if skip_reason(r, rt.device) is None]}
     if args.compare_nanogpt is not None:
-        policy = realtime() if args.realtime else "normal"
         key = "nanogpt_vs_compiled" if args.compile else "nanogpt"
         result[key] = compare_nanogpt(args.compare_nanogpt, args.rounds, args.steps,
                                       args.threads, args.compile, policy)
