@@ -1,2 +1,3 @@
 """Applications of the pretrained models (chapters 21-25): classification and
-fine-tuning, LoRA, dialogue, beam search, metrics, and model compression."""
+fine-tuning, LoRA, dialogue, extractive question answering (``qa``, chapter 23), beam
+search, metrics, and model compression."""
