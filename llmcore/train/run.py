@@ -168,6 +168,9 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
     if parallel != "none" and resume:
         raise ValueError("--resume works for single-process and --dp/--tp runs only; "
                          "a --parallel run starts from scratch (use --overwrite)")
+    if resume and mesh and out is not None and (Path(out) / "ckpt.pt").exists() and \
+            not (Path(out) / SHARDS).exists():  # before any process group or model
+        refuse_unsharded(out)
     data = build_data(preset)
     model = build_model(preset, data.tokenizer.vocab_size)
     dp_group, dp_rank = None, 0
@@ -193,11 +196,6 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
         ckpt = None
         if out is not None and (info is None or mesh):
             ckpt = Path(out) / (SHARDS if mesh else "ckpt.pt")
-        if resume and mesh and not ckpt.exists():
-            raise FileNotFoundError(
-                f"--resume with --dp/--tp continues the sharded checkpoint {ckpt}, "
-                f"which is missing: {out} holds a run without --dp/--tp. Resume it "
-                "as it was started, or start a new run with --overwrite.")
         if resume and ckpt is not None and ckpt.exists():
             meta["resumes"] = check_saved_run(ckpt, meta, writes)
         train_fn, val_fn = batch_fns(data, preset)
@@ -218,6 +216,13 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
                                 extra={"meta": meta, "config": asdict(preset.train)})
             write_outputs(Path(out), preset, rt, model, history, data, meta)
     return model, history, data
+
+
+def refuse_unsharded(out) -> None:
+    raise FileNotFoundError(
+        f"--resume with --dp/--tp continues the sharded checkpoint "
+        f"{Path(out) / SHARDS}, which is missing: {out} holds a run without "
+        "--dp/--tp. Resume it as it was started, or start a new run with --overwrite.")
 
 
 def check_saved_run(ckpt: Path, meta: dict, verbose: bool = True) -> list[dict]:
