@@ -87,12 +87,13 @@ def keep_freed_memory(device: torch.device) -> bool:
 
     PyTorch allocates each activation afresh with ``malloc``; glibc serves blocks over a
     threshold with a new ``mmap`` and returns freed space at the top of the heap to the
-    system, so every step maps its activations again and takes about a thousand page
-    faults for this book's small GPT (each a kernel trap and a page of zeros). Raising
-    glibc's mmap and trim thresholds (``mallopt``) lets freed blocks be reused: the
-    process keeps its peak memory, which a training run reaches every step anyway.
-    Measured on the book's CPU preset, a few per cent of the step (``python -m
-    llmcore.bench speed``). Applied once per process; True when it was applied.
+    system, so every step maps its activations again: about 3,500 page faults per
+    forward and backward of the book's small CPU GPT, 36 after (each a kernel trap and
+    a page of zeros; counted in ``tests/test_runtime.py``). Raising glibc's mmap and
+    trim thresholds (``mallopt``) lets freed blocks be reused: the process keeps its
+    peak memory, which a training run reaches every step anyway. On the speed
+    benchmark's CPU model the gain in step time is smaller than the spread between
+    runs. Applied once per process; True once it has been applied.
     """
     global _MALLOC_TUNED
     if _MALLOC_TUNED or device.type != "cpu" or platform.libc_ver()[0] != "glibc":
