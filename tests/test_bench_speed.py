@@ -19,9 +19,11 @@ def test_rungs_a_cpu_cannot_run_are_skipped_with_a_reason():
     names = {r.name: speed.skip_reason(r, cpu) for r in speed.LADDER}
     assert "sm80" in names["tf32"] and "sm89" in names["fp8"]
     assert names["fp32"] is None and names["compile"] is None
+    assert names["fp32 (MKL)"] is None  # the CPU's default GEMM library
+    assert "CPU" in speed.skip_reason(speed.LADDER[0], torch.device("meta"))
     # each rung adds one thing to the one before
-    assert [r.name for r in speed.LADDER] == ["fp32", "tf32", "bf16", "fused kernels",
-                                              "compile", "fp8"]
+    assert [r.name for r in speed.LADDER] == ["fp32 (MKL)", "fp32", "tf32", "bf16",
+                                              "fused kernels", "compile", "fp8"]
 
 
 def test_main_writes_the_ladder(tmp_path, monkeypatch):
@@ -32,9 +34,10 @@ def test_main_writes_the_ladder(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "speed-cpu.json").read_text())
     assert result["torch"] == torch.__version__ and result["date"]
     rows = {r["rung"]: r for r in result["ladder"]}
-    assert set(rows) == {"fp32", "tf32", "bf16", "fused kernels"}
+    assert set(rows) == {"fp32 (MKL)", "fp32", "tf32", "bf16", "fused kernels"}
     assert "skipped" in rows["tf32"]
-    for name in ("fp32", "bf16", "fused kernels"):
+    assert rows["fp32 (MKL)"]["cpu_gemm"] == "mkl" and rows["fp32"]["cpu_gemm"] == "auto"
+    for name in ("fp32 (MKL)", "fp32", "bf16", "fused kernels"):
         assert rows[name]["tokens_per_s"] > 0 and 0 < rows[name]["mfu"] < 1
         assert rows[name]["step_ms"] == pytest.approx(
             1e3 * 2 * 16 / rows[name]["tokens_per_s"])

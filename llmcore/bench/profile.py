@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 FAMILIES = {  # operator name prefix -> family (first match wins)
     "aten::mm": "matmul", "aten::addmm": "matmul", "aten::bmm": "matmul",
+    "mkldnn::_linear_pointwise": "matmul",  # oneDNN's (llmcore.nn.gemm)
     "aten::_scaled_dot_product": "attention", "aten::_softmax": "attention",
     "aten::gelu": "activation", "aten::native_layer_norm": "norm",
     "aten::_fused_adamw": "optimizer", "aten::_foreach": "optimizer",

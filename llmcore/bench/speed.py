@@ -3,8 +3,8 @@ optimisations that gets there.
 
 ``python -m llmcore.bench speed`` measures, on the current device, the training step of
 the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), one rung
-of the ladder at a time, each rung adding one thing to the one before: fp32 -> TF32
-matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` ->
+of the ladder at a time, each rung adding one thing to the one before: fp32 with
+PyTorch's default CPU GEMM (MKL; CPUs only) -> fp32 -> TF32 matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` ->
 FP8 linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded
 as skipped, with the reason. The peak is measured first, a large matmul on the same
 device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results go to
@@ -38,6 +38,7 @@ from llmcore.bench.results import slug
 from llmcore.config import Tiered
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.nn import gemm
 from llmcore.precision.fp8 import convert_to_float8, size_filter
 from llmcore.runtime import device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
@@ -52,9 +53,11 @@ class Rung:
     sdpa: bool  # PyTorch's fused attention kernel instead of the hand-written one
     compile: bool = False
     fp8: bool = False  # the large linears in FP8 (llmcore.precision.fp8)
+    cpu_gemm: str = "auto"  # the CPU's GEMM library (llmcore.nn.gemm)
 
 
-LADDER = (Rung("fp32", "fp32", sdpa=False), Rung("tf32", "tf32", sdpa=False),
+LADDER = (Rung("fp32 (MKL)", "fp32", sdpa=False, cpu_gemm="mkl"),
+          Rung("fp32", "fp32", sdpa=False), Rung("tf32", "tf32", sdpa=False),
           Rung("bf16", "bf16", sdpa=False), Rung("fused kernels", "bf16", sdpa=True),
           Rung("compile", "bf16", sdpa=True, compile=True),
           Rung("fp8", "bf16", sdpa=True, compile=True, fp8=True))
@@ -95,6 +98,8 @@ def cpu_model() -> str:
 def skip_reason(rung: Rung, device: torch.device) -> str | None:
     """Why ``rung`` cannot run on ``device``, or None."""
     caps = device_caps(device)
+    if rung.cpu_gemm == "mkl" and device.type != "cpu":
+        return "MKL is a CPU library: the GEMM library rung is for CPUs"
     if rung.precision == "tf32" and not caps.bf16_tensor_cores:
         return "TF32 matmuls need an NVIDIA GPU of sm80 or later"
     if rung.fp8 and not caps.fp8_tensor_cores:
@@ -124,7 +129,11 @@ def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
                       log_interval=preset.warmup, progress=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    history = train(model, batch_fn, cfg)
+    previous = gemm.set_cpu_gemm(rung.cpu_gemm)
+    try:
+        history = train(model, batch_fn, cfg)
+    finally:
+        gemm.set_cpu_gemm(previous)
     tps = statistics.median(history.tokens_per_s[preset.warmup:])
     fpt = gpt_flops_per_token(model)
     return {"rung": rung.name, **asdict(rung), "tokens_per_s": tps,

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmcore.config import IGNORE_INDEX
+from llmcore.nn import gemm
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 Batch = Any
@@ -80,8 +81,10 @@ def valid_tokens(batch: Batch, device: torch.device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def precision_context(precision: str, device_type: str):
-    """Autocast for bf16/fp16; TF32 matmuls for tf32; nothing for fp32."""
+def precision_context(precision: str, device_type: str, cpu_gemm: bool = True):
+    """Autocast for bf16/fp16; TF32 matmuls for tf32; nothing for fp32. On the CPU,
+    fp32 linear layers run on the library of :func:`llmcore.nn.gemm.cpu_gemm`
+    (oneDNN by default) unless ``cpu_gemm=False``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision in ("bf16", "fp16"):
@@ -95,6 +98,9 @@ def precision_context(precision: str, device_type: str):
             yield
         finally:
             torch.set_float32_matmul_precision(before)
+    elif device_type == "cpu" and cpu_gemm:
+        with gemm.cpu_gemm():
+            yield
     else:
         yield
 
