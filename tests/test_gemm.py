@@ -65,8 +65,11 @@ def test_choices_are_checked_and_named(monkeypatch):
     assert gemm.cpu_gemm_library() == "mkl"
     previous = gemm.set_cpu_gemm("auto")
     try:
-        assert gemm.cpu_gemm_library() == ("onednn" if gemm.onednn_available()
-                                           else "mkl")
+        for machine, want in (("x86_64", "onednn"), ("arm64", "mkl")):
+            monkeypatch.setattr(gemm.platform, "machine", lambda: machine)
+            assert gemm.cpu_gemm_library() == (want if gemm.onednn_available()
+                                               else "mkl")
+        monkeypatch.setattr(gemm.platform, "machine", lambda: "x86_64")
     finally:
         gemm.set_cpu_gemm(previous)
     monkeypatch.setattr(gemm, "onednn_available", lambda: False)  # a torch without it

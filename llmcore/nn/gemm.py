@@ -13,7 +13,9 @@ another kernel: the kind of speed-up a profile shows and a config file hides.
 ``dW = dy^T x``, ``db = sum(dy)``, each one oneDNN matmul. Anything else (GPU, bf16,
 autocast, DTensors, other functions) passes through untouched. The library is chosen
 by ``set_cpu_gemm`` or the environment variable ``LLMCORE_CPU_GEMM``: ``auto`` (the
-default: oneDNN where this torch has it), ``onednn`` or ``mkl`` (PyTorch's default).
+default: oneDNN on x86 CPUs where this torch has it; elsewhere, e.g. Apple silicon,
+PyTorch's own, which calls the platform's BLAS), ``onednn`` or ``mkl`` (PyTorch's
+default: MKL in the x86 wheels).
 :func:`llmcore.train.train` and ``evaluate`` compute in this context on the CPU.
 """
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 import time
 
 import torch
@@ -130,9 +133,12 @@ def cpu_gemm_library() -> str:
     """The library :func:`cpu_gemm` uses now: ``onednn`` or ``mkl``."""
     choice = _choice if _choice is not None else _check(
         os.environ.get(ENV, "auto"), f"the environment variable {ENV}")
-    if choice == "auto":
-        return "onednn" if onednn_available() else "mkl"
-    return choice
+    return _auto() if choice == "auto" else choice
+
+
+def _auto() -> str:
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return "onednn" if x86 and onednn_available() else "mkl"
 
 
 @contextlib.contextmanager
@@ -141,7 +147,7 @@ def cpu_gemm(library: str | None = None):
     of :func:`set_cpu_gemm`); nested contexts are harmless."""
     resolved = cpu_gemm_library() if library is None else _check(library, "library")
     if resolved == "auto":
-        resolved = "onednn" if onednn_available() else "mkl"
+        resolved = _auto()
     if resolved == "mkl":
         yield
         return
