@@ -90,3 +90,22 @@ def test_profile_of_the_compared_char_model():
     assert shares["optimizer"] > 0 and shares["norm"] > 0
     assert shares["total"] == pytest.approx(sum(v for k, v in shares.items()
                                                  if k != "total"))
+
+
+def test_comparison_records_rounds_ratios_and_both_profiles(tmp_path):
+    fake = tmp_path / "nanoGPT"  # a stand-in that logs 50 ms per iteration
+    fake.mkdir()
+    (fake / "train.py").write_text(textwrap.dedent("""
+        import sys
+        n = int([a for a in sys.argv if a.startswith("--max_iters=")][0][12:])
+        for i in range(n + 1):
+            print(f"iter {i}: loss 4.1, time 50.00ms, mfu -100.00%")
+    """))
+    cmp = nanogpt.compare_nanogpt(fake, rounds=1, steps=2, threads=1)
+    assert cmp["nanogpt_ms"] == [50.0] and len(cmp["llmcore_ms"]) == 1
+    assert cmp["ratios"] == [50.0 / cmp["llmcore_ms"][0]]
+    assert cmp["llmcore_cpu_gemm"] in ("onednn", "mkl")
+    for prof in (cmp["llmcore_profile_ms"], cmp["llmcore_profile_ms_mkl"]):
+        assert prof["matmul"] > 0
+        assert prof["total"] == pytest.approx(
+            sum(v for k, v in prof.items() if k != "total"))

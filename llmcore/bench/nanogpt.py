@@ -4,7 +4,8 @@
 ``python -m llmcore.bench speed --compare-nanogpt PATH`` runs nanoGPT's ``train.py`` (a
 checkout at PATH, its shakespeare_char data prepared) and the book's loop in interleaved
 rounds, each in a fresh process timing its own steps, and records the ratio of the
-median step times, and where llmcore's step spends its time (:mod:`.profile`).
+median step times, and where llmcore's step spends its time (:mod:`.profile`), with
+its CPU matmul library (:mod:`llmcore.nn.gemm`) and with MKL, PyTorch's default.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from llmcore.data import get_batch, load_corpus
 from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.nn import gemm
 from llmcore.train import train
 from llmcore.train import run as runs
 
@@ -89,9 +91,9 @@ def compare_nanogpt(path: Path, rounds: int, steps: int, threads: int,
     cmd = [sys.executable, "-m", "llmcore.bench", "speed", "--worker", str(steps),
            *(["--compile"] if compile else [])]
 
-    def worker(*extra: str):
-        out = subprocess.run([*cmd, *extra], env=env, capture_output=True, text=True,
-                             check=True)
+    def worker(*extra: str, gemm_env: dict | None = None):
+        out = subprocess.run([*cmd, *extra], env={**env, **(gemm_env or {})},
+                             capture_output=True, text=True, check=True)
         return json.loads(out.stdout.splitlines()[-1])
 
     for r in range(rounds):
@@ -111,6 +113,9 @@ def compare_nanogpt(path: Path, rounds: int, steps: int, threads: int,
             "ratio_median": statistics.median(ratios),
             "ratio_range": [min(ratios), max(ratios)],
             "llmcore_profile_ms": worker("--profile"),
+            "llmcore_cpu_gemm": gemm.cpu_gemm_library(),
+            # the same profile with PyTorch's default matmul library, for comparison
+            "llmcore_profile_ms_mkl": worker("--profile", gemm_env={gemm.ENV: "mkl"}),
             "method": "tokens/s ratio = nanoGPT median step time / llmcore median "
                       "step time; each process times its own steps; rounds alternate; "
                       "profile: self CPU ms per step by operator family, one more "
