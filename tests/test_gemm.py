@@ -41,6 +41,8 @@ def test_the_context_routes_fp32_cpu_linears_only():
     with gemm.cpu_gemm("onednn"):
         assert "OneDNN" in type(lin(x).grad_fn).__name__
         assert "OneDNN" in type(F.linear(x, lin.weight).grad_fn).__name__
+        by_name = F.linear(input=x, weight=lin.weight, bias=lin.bias)
+        assert "OneDNN" in type(by_name.grad_fn).__name__
         lin16 = nn.Linear(8, 4).bfloat16()
         assert "OneDNN" not in type(lin16(x.bfloat16()).grad_fn).__name__
         with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides there

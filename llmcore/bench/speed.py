@@ -4,8 +4,8 @@ optimisations that gets there.
 ``python -m llmcore.bench speed`` measures, on the current device, the training step of
 the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), one rung
 of the ladder at a time, each rung adding one thing to the one before: fp32 with
-PyTorch's default CPU GEMM (MKL; CPUs only) -> fp32 -> TF32 matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` ->
-FP8 linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded
+PyTorch's default CPU GEMM (MKL; CPUs only) -> fp32 -> TF32 matmuls -> bf16 autocast
+-> fused kernels (SDPA attention) -> ``torch.compile`` -> FP8 linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded
 as skipped, with the reason. The peak is measured first, a large matmul on the same
 device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results go to
 ``results/speed-<tier>.json`` with the hardware, the date and the torch version.

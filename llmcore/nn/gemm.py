@@ -99,9 +99,11 @@ class _RouteLinear(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear or func is torch._C._nn.linear:
-            x, weight = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+            x = args[0] if args else kwargs.get("input")
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if (_plain_fp32_cpu(x, weight, bias) and weight.dim() == 2
+            if (x is not None and weight is not None
+                    and _plain_fp32_cpu(x, weight, bias) and weight.dim() == 2
                     and x.dim() >= 1 and x.numel() > 0
                     and not torch.is_autocast_enabled("cpu")
                     and not torch.compiler.is_compiling()):
@@ -129,10 +131,15 @@ def _check(library: str, what: str) -> str:
     return library
 
 
-def cpu_gemm_library() -> str:
-    """The library :func:`cpu_gemm` uses now: ``onednn`` or ``mkl``."""
-    choice = _choice if _choice is not None else _check(
-        os.environ.get(ENV, "auto"), f"the environment variable {ENV}")
+def cpu_gemm_library(library: str | None = None) -> str:
+    """The library :func:`cpu_gemm` uses for ``library`` (None: the current choice,
+    from :func:`set_cpu_gemm` or the environment): ``onednn`` or ``mkl``."""
+    if library is not None:
+        choice = _check(library, "library")
+    elif _choice is not None:
+        choice = _choice
+    else:
+        choice = _check(os.environ.get(ENV, "auto"), f"the environment variable {ENV}")
     return _auto() if choice == "auto" else choice
 
 
@@ -145,10 +152,7 @@ def _auto() -> str:
 def cpu_gemm(library: str | None = None):
     """Inside, fp32 linear layers on the CPU run on ``library`` (default: the choice
     of :func:`set_cpu_gemm`); nested contexts are harmless."""
-    resolved = cpu_gemm_library() if library is None else _check(library, "library")
-    if resolved == "auto":
-        resolved = _auto()
-    if resolved == "mkl":
+    if cpu_gemm_library(library) == "mkl":
         yield
         return
     with _RouteLinear():

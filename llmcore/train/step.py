@@ -81,10 +81,9 @@ def valid_tokens(batch: Batch, device: torch.device) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def precision_context(precision: str, device_type: str, cpu_gemm: bool = True):
-    """Autocast for bf16/fp16; TF32 matmuls for tf32; nothing for fp32. On the CPU,
-    fp32 linear layers run on the library of :func:`llmcore.nn.gemm.cpu_gemm`
-    (oneDNN by default) unless ``cpu_gemm=False``."""
+def precision_context(precision: str, device_type: str):
+    """Autocast for bf16/fp16; TF32 matmuls for tf32; for fp32 on the CPU, linear
+    layers on the library of :func:`llmcore.nn.gemm.cpu_gemm` (oneDNN by default)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision in ("bf16", "fp16"):
@@ -98,7 +97,7 @@ def precision_context(precision: str, device_type: str, cpu_gemm: bool = True):
             yield
         finally:
             torch.set_float32_matmul_precision(before)
-    elif device_type == "cpu" and cpu_gemm:
+    elif device_type == "cpu":
         with gemm.cpu_gemm():
             yield
     else:
