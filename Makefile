@@ -108,10 +108,10 @@ book-student: execute $(MERMAID)
 	@echo "Student book (solutions hidden): open $(CURDIR)/_build/student/_build/html/index.html"
 
 student-labs: venv
-	$(PY) -m llmcore.book.labs student _build/student-labs
+	$(PY) -m tools.labs student _build/student-labs
 
 notebooks: venv
-	$(PY) -m llmcore.book.colab write
+	$(PY) -m tools.colab write
 
 # Every page of the built book in headless Chromium (Debian's, installed where missing;
 # playwright drives it): JavaScript errors, raw math, undrawn diagrams, missing
@@ -120,7 +120,7 @@ check-site: venv
 	@test -f _build/html/index.html || { echo "no _build/html: run make book first" >&2; exit 1; }
 	@command -v chromium >/dev/null || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
-	$(PY) -m llmcore.book.sitecheck _build/html
+	$(PY) -m tools.sitecheck _build/html
 
 # ---------------------------------------------------------------- the gpu tier
 # Stops at once without an NVIDIA GPU, before building anything.
@@ -132,7 +132,7 @@ test-gpu:
 	       "no nvidia-smi). On this machine, 'make test' runs the cpu tier." >&2; \
 	  exit 2; fi
 	@$(if $(USE_VENV),$(MAKE) --no-print-directory venv,true)
-	$(PY) -m llmcore.bench gpucheck --commit $(COMMIT) $(GPU_CHECK_ARGS)
+	$(PY) -m tools.bench gpucheck --commit $(COMMIT) $(GPU_CHECK_ARGS)
 
 # The notebook tool chain as wheels for the GPU machine (Python 3.12, manylinux
 # x86-64, offline), at the versions constraints.txt pins; its python3 has the rest.

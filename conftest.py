@@ -27,7 +27,7 @@ from unittest import mock
 
 import pytest
 
-from llmcore.book.notebooks import is_myst_notebook
+from tools.notebooks import is_myst_notebook
 
 ROOT = Path(__file__).resolve().parent
 # The deliberately failing notebook of the collector's own test is not in the suite.
@@ -35,7 +35,8 @@ collect_ignore = ["tests/notebooks"]
 # The .ipynb files beside the .md sources are their Colab copies, not more notebooks.
 collect_ignore_glob = ["book/*.ipynb", "labs/*.ipynb"]
 # The corpora in data/ need no place here: load_corpus refuses any altered file.
-FINGERPRINTED = ("llmcore/**/*.py", "requirements.txt", "constraints.txt")
+FINGERPRINTED = ("llmcore/**/*.py", "tools/**/*.py", "book/workers/*.py",
+                 "requirements.txt", "constraints.txt")
 
 
 def pytest_addoption(parser):

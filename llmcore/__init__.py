@@ -12,11 +12,11 @@ Shape key, used in every comment that follows a reshape:
 
 A comment ``# (B, nh, T, hs)`` gives the shape of the tensor on that line.
 """
+from llmcore.runtime import (DeviceCaps, Runtime, default_precision,  # noqa: E402
+                             device_caps, setup)
 
 __version__ = "0.1.0"
 
-from llmcore.runtime import (DeviceCaps, Runtime, default_precision,  # noqa: E402
-                             device_caps, setup)
 
 __all__ = ["DeviceCaps", "Runtime", "default_precision", "device_caps", "setup",
            "__version__"]

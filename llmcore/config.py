@@ -52,25 +52,28 @@ class Tiered(Generic[T]):
         return TIERS
 
 
-def check_positive(obj: object, *names: str) -> None:
-    """Raise a ValueError naming the first field of ``obj`` that is not a positive,
-    finite number (NaN and infinity are refused). For ``__post_init__``."""
+def check_fields(obj: object, *names: str, integer: bool = False,
+                 minimum: float | None = None, above: float | None = None) -> None:
+    """Raise a ValueError naming the first field of ``obj`` that is not a finite
+    number (NaN and infinity are refused), not an ``int`` where ``integer`` (``128.0``
+    is refused: a float size would fail later, far from its cause), below
+    ``minimum`` or not above ``above``. The one check of every config's
+    ``__post_init__``."""
     for name in names:
         value = getattr(obj, name)
-        if (not isinstance(value, (int, float)) or isinstance(value, bool)
-                or not math.isfinite(value) or value <= 0):
-            raise ValueError(f"{type(obj).__name__}.{name} must be a positive number, "
-                             f"got {value!r}")
-
-
-def check_positive_int(obj: object, *names: str) -> None:
-    """Like :func:`check_positive` for sizes and counts: each must be an ``int``
-    (``128.0`` is refused: a float size would fail later, far from its cause)."""
-    for name in names:
-        value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be a positive int, "
-                             f"got {value!r}; write it without a decimal point")
+        kinds = (int,) if integer else (int, float)
+        ok = (isinstance(value, kinds) and not isinstance(value, bool)
+              and math.isfinite(value) and (minimum is None or value >= minimum)
+              and (above is None or value > above))
+        if not ok:
+            kind = "int" if integer else "number"
+            want = (f"a positive {kind}" if above == 0 else f"a finite {kind}"
+                    + (f" > {above}" if above is not None else "")
+                    + (f" >= {minimum}" if minimum is not None else ""))
+            hint = "; write it without a decimal point" if integer and isinstance(
+                value, float) else ""
+            raise ValueError(f"{type(obj).__name__}.{name} must be {want}, got "
+                             f"{value!r}{hint}")
 
 
 def override(cfg: T, **changes) -> T:

@@ -26,7 +26,6 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-
 MIN_TEMPERATURE = 1e-5  # below: use 0 (greedy); tiny values overflow logits / t
 
 

@@ -17,7 +17,6 @@ device has.
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
 import os
 import platform
@@ -77,32 +76,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
     return torch.Generator().manual_seed(seed)
-
-
-_MALLOC_TUNED = False
-
-
-def keep_freed_memory(device: torch.device) -> bool:
-    """On a CPU with glibc, keep the memory a training step frees inside the process.
-
-    PyTorch allocates each activation afresh with ``malloc``; glibc serves blocks over a
-    threshold with a new ``mmap`` and returns freed space at the top of the heap to the
-    system, so every step maps its activations again: about 3,500 page faults per
-    forward and backward of the book's small CPU GPT, 36 after (each a kernel trap and
-    a page of zeros; counted in ``tests/test_runtime.py``). Raising glibc's mmap and
-    trim thresholds (``mallopt``) lets freed blocks be reused: the process keeps its
-    peak memory, which a training run reaches every step anyway. On the speed
-    benchmark's CPU model the gain in step time is smaller than the spread between
-    runs. Applied once per process; True once it has been applied.
-    """
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or device.type != "cpu" or platform.libc_ver()[0] != "glibc":
-        return _MALLOC_TUNED
-    libc = ctypes.CDLL(None)
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's <malloc.h>
-    _MALLOC_TUNED = bool(libc.mallopt(m_mmap_threshold, 2**30)
-                         and libc.mallopt(m_trim_threshold, 2**30))
-    return _MALLOC_TUNED
 
 
 def device_name(device: torch.device) -> str:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from llmcore import accounting as acc
+from llmcore.models.gpt import GPT, GPTConfig
 
 
 class NativeGPT(nn.Module):
@@ -66,4 +67,37 @@ def test_gpt_param_count_without_biases_matches_llmcore_gpt():
     for bias in (True, False):
         cfg = GPTConfig(vocab_size=77, block_size=19, n_layer=2, n_head=2, n_embd=24,
                         bias=bias)
-        assert GPT(cfg).num_params() == acc.gpt_param_count(2, 24, 77, 19, bias=bias)
+        assert acc.count_params(GPT(cfg)) == acc.gpt_param_count(2, 24, 77, 19, bias=bias)
+
+
+def test_flops_per_token_by_hand():
+    # L=2, C=8, V=10, T=16: matmul weights 12 * 2 * 8^2 + 10 * 8 = 1,616, times 6 =
+    # 9,696; attention 12 * 2 * 8 * 16 = 3,072; in all 12,768
+    cfg = GPTConfig(vocab_size=10, block_size=16, n_layer=2, n_head=2, n_embd=8)
+    assert acc.flops_per_token(cfg) == 12_768
+    assert acc.flops_per_token(cfg, seq_len=8) == 9_696 + 1_536
+    assert acc.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
+
+
+def test_flops_per_token_matches_torchs_flop_counter():
+    # The hand-written attention is plain matmuls, which the counter sees; the formula
+    # counts the full T x T score matrix, as that kernel computes it.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64,
+                    use_sdpa=False)
+    model = GPT(cfg)
+    x = torch.randint(96, (2, 32))
+    with FlopCounterMode(display=False) as counter:
+        _, loss = model(x, x)
+        loss.backward()
+    counted = counter.get_total_flops() / x.numel()
+    assert counted == pytest.approx(acc.flops_per_token(cfg), rel=0.03)
+
+
+def test_peak_is_measured_against_a_timed_matmul():
+    peak = acc.measure_peak_flops("cpu", "fp32", n=256, iters=2)
+    assert 1e8 < peak < 1e14
+    with pytest.raises(ValueError, match="precision"):
+        acc.measure_peak_flops("cpu", "int4")

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 
-from llmcore.bench import fp8 as bench
-from llmcore.bench.__main__ import main as bench_main
+from llmcore.accounting import count_params
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.precision import fp8, size_filter
+from tools.bench import fp8 as bench
+from tools.bench.__main__ import main as bench_main
 
 
 def test_parse_args_defaults_and_errors():
@@ -27,7 +28,7 @@ def test_gpu_run_is_the_1_3b_comparison():
     with torch.device("meta"):
         model = GPT(GPTConfig(spec.vocab_size, spec.block_size, spec.n_layer,
                               spec.n_head, spec.n_embd))
-    assert 1.2e9 < model.num_params() < 1.5e9
+    assert 1.2e9 < count_params(model) < 1.5e9
     keep = size_filter()
     assert keep(torch.nn.Linear(spec.n_embd, 3 * spec.n_embd), "blocks.0.qkv_proj")
     assert bench.parse_args([]).steps is None and bench.LOSS_TOLERANCE == 0.01

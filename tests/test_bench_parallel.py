@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from llmcore.bench.parallel import LOADED, TOLERANCE, hardware, main
-from llmcore.parallel.experiments.costmodel_runs import PLANS, run
+from tools.bench.costmodel_runs import PLANS, run
+from tools.bench.parallel import LOADED, TOLERANCE, hardware, main
 
 RESULT = Path(__file__).resolve().parents[1] / "results" / "parallel-cpu.json"
 

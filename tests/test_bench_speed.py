@@ -7,9 +7,9 @@ import textwrap
 import pytest
 import torch
 
-from llmcore.bench import nanogpt, profile, speed
 from llmcore.config import Tiered
 from llmcore.models.gpt import GPTConfig
+from tools.bench import nanogpt, profile, speed
 
 TINY = speed.SpeedPreset(GPTConfig(65, 16, 1, 2, 32), batch_size=2, steps=2, warmup=2)
 
@@ -19,11 +19,9 @@ def test_rungs_a_cpu_cannot_run_are_skipped_with_a_reason():
     names = {r.name: speed.skip_reason(r, cpu) for r in speed.LADDER}
     assert "sm80" in names["tf32"] and "sm89" in names["fp8"]
     assert names["fp32"] is None and names["compile"] is None
-    assert names["fp32 (MKL)"] is None  # the CPU's default GEMM library
-    assert "CPU" in speed.skip_reason(speed.LADDER[0], torch.device("meta"))
     # each rung adds one thing to the one before
-    assert [r.name for r in speed.LADDER] == ["fp32 (MKL)", "fp32", "tf32", "bf16",
-                                              "fused kernels", "compile", "fp8"]
+    assert [r.name for r in speed.LADDER] == ["fp32", "tf32", "bf16", "fused kernels",
+                                              "compile", "fp8"]
 
 
 def test_main_writes_the_ladder(tmp_path, monkeypatch):
@@ -34,13 +32,10 @@ def test_main_writes_the_ladder(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "speed-cpu.json").read_text())
     assert result["torch"] == torch.__version__ and result["date"]
     rows = {r["rung"]: r for r in result["ladder"]}
-    assert set(rows) == {"fp32 (MKL)", "fp32", "tf32", "bf16", "fused kernels"}
+    assert set(rows) == {"fp32", "tf32", "bf16", "fused kernels"}
     assert "skipped" in rows["tf32"]
-    assert rows["fp32 (MKL)"]["cpu_gemm"] == "mkl" and rows["fp32"]["cpu_gemm"] == "auto"
-    for name in ("fp32 (MKL)", "fp32", "bf16", "fused kernels"):
+    for name in ("fp32", "bf16", "fused kernels"):
         assert rows[name]["tokens_per_s"] > 0 and 0 < rows[name]["mfu"] < 1
-        assert rows[name]["step_ms"] == pytest.approx(
-            1e3 * 2 * 16 / rows[name]["tokens_per_s"])
     assert rows["fp32"]["sdpa"] is False and rows["fused kernels"]["sdpa"] is True
 
 
@@ -75,24 +70,14 @@ def test_profile_groups_operators_into_families():
     shares = profile.profiled(run, settle=1, steps=2)
     assert shares["matmul"] > 0 and shares["activation"] > 0
     assert "attention" not in shares  # no attention operator ran
-    parts = sum(v for k, v in shares.items() if k != "total")
-    assert shares["total"] == pytest.approx(parts)
     assert profile.family("aten::_scaled_dot_product_flash_attention_for_cpu") == \
         "attention"
+    assert profile.family("aten::addmm") == "matmul"
     with pytest.raises(ValueError, match="settle"):
         profile.profiled(run, settle=0, steps=2)
 
 
-def test_profile_of_the_compared_char_model():
-    shares = profile.profiled(lambda tick: nanogpt.char_run(2, False, tick),
-                              settle=nanogpt.SETTLE, steps=2)
-    assert shares["matmul"] > 0 and shares["attention"] > 0
-    assert shares["optimizer"] > 0 and shares["norm"] > 0
-    assert shares["total"] == pytest.approx(sum(v for k, v in shares.items()
-                                                 if k != "total"))
-
-
-def test_comparison_records_rounds_ratios_and_both_profiles(tmp_path):
+def test_comparison_records_rounds_ratios_and_a_profile(tmp_path):
     fake = tmp_path / "nanoGPT"  # a stand-in that logs 50 ms per iteration
     fake.mkdir()
     (fake / "train.py").write_text(textwrap.dedent("""
@@ -103,9 +88,6 @@ def test_comparison_records_rounds_ratios_and_both_profiles(tmp_path):
     """))
     cmp = nanogpt.compare_nanogpt(fake, rounds=1, steps=2, threads=1)
     assert cmp["nanogpt_ms"] == [50.0] and len(cmp["llmcore_ms"]) == 1
-    assert cmp["ratios"] == [50.0 / cmp["llmcore_ms"][0]]
-    assert cmp["llmcore_cpu_gemm"] in ("onednn", "mkl")
-    for prof in (cmp["llmcore_profile_ms"], cmp["llmcore_profile_ms_mkl"]):
-        assert prof["matmul"] > 0
-        assert prof["total"] == pytest.approx(
-            sum(v for k, v in prof.items() if k != "total"))
+    assert 0 < cmp["llmcore_ms"][0] < 10_000  # a real llmcore process timed steps
+    prof = cmp["llmcore_profile_ms"]
+    assert prof["matmul"] > 0 and prof["attention"] > 0 and prof["optimizer"] > 0

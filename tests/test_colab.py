@@ -4,8 +4,8 @@ import json
 
 import jupytext
 
-from llmcore.book import colab
-from llmcore.book.notebooks import notebooks
+from tools import colab
+from tools.notebooks import notebooks
 
 
 def test_every_notebook_has_a_fresh_colab_copy():

@@ -14,9 +14,12 @@ pytest.importorskip("nbval")
 
 
 def project(tmp_path: Path, *notebooks: str) -> Path:
-    """A throw-away project with the book's conftest and these notebooks in book/."""
+    """A throw-away project with the book's conftest, its tools and these notebooks in
+    book/."""
     shutil.copy(ROOT / "conftest.py", tmp_path)
     shutil.copy(ROOT / "pytest.ini", tmp_path)
+    shutil.copytree(ROOT / "tools", tmp_path / "tools",  # the conftest imports it
+                    ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "book").mkdir()
     for name in notebooks:
         shutil.copy(HERE / name, tmp_path / "book" / name)

@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import prune
 
-from llmcore.apps.compress import (apply_masks, distillation_loss, l1_unstructured_mask,
-                              ln_structured_mask, prune_model, sparsity)
+from book.workers.compress import (apply_masks, distillation_loss, l1_unstructured_mask,
+                                   ln_structured_mask, prune_model, sparsity)
 from llmcore.models.gpt import GPT, GPTConfig
 
 

@@ -9,13 +9,11 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcore.data import (
-    IGNORE_INDEX, LMWindows, attention_mask_matrix, causal_lm_targets, collate,
-    detection_loss, get_batch, load_token_cache, mask_tokens, pad_sequences,
-    replace_tokens, split_tokens, write_token_cache)
-from llmcore.data import lm
+from llmcore.data import (IGNORE_INDEX, LMWindows, attention_mask_matrix,
+                          causal_lm_targets, collate, detection_loss, get_batch, lm,
+                          load_token_cache, mask_tokens, pad_sequences, replace_tokens,
+                          split_tokens, write_token_cache)
 from llmcore.data.lm import token_dtype, unigram_loss
-
 
 # ---------------------------------------------------------------- causal LM windows
 

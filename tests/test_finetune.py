@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmcore.apps.finetune import (SequenceClassifier, classification_loss, freeze_backbone,
-                              hidden_states, pool, predict)
+from llmcore.apps.finetune import (SequenceClassifier, classification_loss,
+                                   freeze_backbone, hidden_states, pool, predict)
 from llmcore.apps.lora import LoRALinear, apply_lora, count_parameters, merge_lora
 from llmcore.models.bert import BERT, BertConfig
 from llmcore.models.gpt import GPT, GPTConfig

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmcore.precision.formats import E4M3, E5M2, round_to_format
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.nn import MultiHeadAttention
 from llmcore.precision import fp8
+from llmcore.precision.formats import E4M3, E5M2, round_to_format
 from llmcore.precision.fp8 import (AmaxHistory, Float8Linear, convert_to_float8,
                                    dequantize, fp8_backend, quantize, scaled_matmul,
                                    size_filter)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from llmcore.accounting import count_params
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.nn import EncoderBlock, GPTBlock, LayerNorm
 from llmcore.nn.swap import swap_modules
@@ -35,12 +36,13 @@ def test_shapes_and_initial_loss():
     assert m(idx)[1] is None
 
 
-def test_weight_tying_and_num_params():
+def test_weight_tying_and_the_parameter_count():
     m = model()
     assert m.lm_head.weight is m.tok_emb.weight
-    unique = {id(p): p.numel() for p in m.parameters()}
-    assert m.num_params() == sum(unique.values())
-    assert m.num_params(non_embedding=True) == m.num_params() - 16 * 32
+    every = dict(m.named_parameters(remove_duplicate=False))  # the tied one twice
+    assert "lm_head.weight" in every and "tok_emb.weight" in every
+    assert count_params(m) == sum(p.numel() for p in every.values()) - 50 * 32
+    assert count_params(m, exclude=("pos_emb.weight",)) == count_params(m) - 16 * 32
 
 
 def test_residual_projections_are_scaled():

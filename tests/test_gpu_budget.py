@@ -1,6 +1,6 @@
 """Every gpu-tier preset fits the memory it declares, checked on the meta device.
 
-See ``llmcore.bench.budget`` for how presets are found in the notebooks and how their
+See ``tools.bench.budget`` for how presets are found in the notebooks and how their
 training memory is counted. The table of estimated H100 minutes is written to
 ``_build/reports/gpu-budget.txt`` and printed at the end of ``make test``.
 """
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from llmcore import accounting
-from llmcore.bench import budget
-from llmcore.book.notebooks import notebooks
 from llmcore.models.gpt import GPTConfig
 from llmcore.train.run import PRESETS
+from tools.bench import budget
+from tools.notebooks import notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "_build" / "reports" / "gpu-budget.txt"

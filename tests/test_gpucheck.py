@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmcore.bench import gpucheck, results
 from llmcore.runtime import DeviceCaps
+from tools.bench import gpucheck, results
 
 ROOT = Path(__file__).resolve().parent.parent
 

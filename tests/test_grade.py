@@ -13,9 +13,9 @@ import jupytext
 import nbformat
 import pytest
 
-from llmcore.book import grade, labs
 from tests.lab_mutants import MUTANTS
 from tests.test_lab_mutants import mutate
+from tools import grade, labs
 
 new_code = nbformat.v4.new_code_cell
 LAB = nbformat.v4.new_notebook(cells=[

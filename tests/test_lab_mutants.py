@@ -10,8 +10,8 @@ few minutes on one core.
 import nbformat
 import pytest
 
-from llmcore.book import labs
 from tests.lab_mutants import MUTANTS
+from tools import labs
 
 LABS = {p.stem: p for p in labs.all_labs()}
 

@@ -12,7 +12,7 @@ import jupytext
 import nbformat
 import pytest
 
-from llmcore.book import labs
+from tools import labs
 
 LABS = labs.all_labs()
 

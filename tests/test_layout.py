@@ -1,25 +1,31 @@
-"""The package's layout, checked by walking its imports (issue 10).
+"""The package's layout and plainness, checked by reading its source.
 
 Every module of ``llmcore`` is parsed with ``ast``; nothing is imported. The rules:
-files of at most 300 lines; no import cycle between modules (module-level imports);
-no function-local import of an llmcore module; the library never imports the book's
-experiments (``llmcore.parallel.experiments``: only experiments, apps, bench and book
-sit on top of it); at most six modules at the top level besides the subpackages.
+the installed package holds at most 9,000 lines of Python, no file over 400; no
+import cycle between modules (module-level imports); no function-local import of an
+llmcore module; the library never imports the book's workers (``book.workers``) or
+the tools (``tools``); at most six modules at the top level besides the subpackages.
+And nothing private of PyTorch on any path: no ``torch.ops.<lib>._*`` op, no private
+``torch`` attribute (``torch._scaled_mm``, PyTorch's only FP8 GEMM, excepted), no
+optimizer ``found_inf`` protocol, no allocator tuning through ``ctypes``/``mallopt``;
+and at most four modules call ``.backward(``.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "llmcore"
-MAX_LINES = 300
+MAX_LINES = 400
+MAX_PACKAGE_LINES = 9_000
 MAX_TOP_MODULES = 6
-EXPERIMENTS = "llmcore.parallel.experiments"
-ON_TOP = ("llmcore.parallel.experiments", "llmcore.apps", "llmcore.bench",
-          "llmcore.book")
+MAX_BACKWARD_MODULES = 4
+OUTSIDE = ("book.workers", "tools")  # what serves the book, beside the package
+PRIVATE_ALLOWED = {"_scaled_mm"}
 
 
 def module_name(path: Path) -> str:
@@ -99,11 +105,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def importers_allowed(name: str) -> bool:
-    return any(name == top or name.startswith(top + ".") for top in ON_TOP)
-
-
-def test_every_file_has_at_most_300_lines():
+def test_every_file_has_at_most_400_lines():
     long = {name: n for name, p in MODULES.items()
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
     assert not long, f"files over {MAX_LINES} lines: {long}"
@@ -120,12 +122,64 @@ def test_no_function_local_import_of_llmcore():
     assert not local, "imports inside functions:\n" + "\n".join(local)
 
 
-def test_the_library_never_imports_the_experiments():
-    graph, _ = import_graph()
-    bad = sorted(f"{a} -> {b}" for a, deps in graph.items() for b in deps
-                 if (b == EXPERIMENTS or b.startswith(EXPERIMENTS + "."))
-                 and not importers_allowed(a))
-    assert not bad, f"library modules importing {EXPERIMENTS}: {bad}"
+def test_the_package_is_small():
+    total = sum(len(p.read_text(encoding="utf-8").splitlines())
+                for p in MODULES.values())
+    assert total <= MAX_PACKAGE_LINES, f"llmcore has {total:,} lines"
+
+
+def imported_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.add(node.module or "")
+    return names
+
+
+def test_the_library_never_imports_the_book_or_the_tools():
+    bad = sorted(f"{name} imports {n}" for name, path in MODULES.items()
+                 for n in imported_names(path)
+                 if any(n == o or n.startswith(o + ".") for o in OUTSIDE))
+    assert not bad, bad
+
+
+def private_uses(source: str) -> list[str]:
+    """What of PyTorch's private machinery ``source`` uses."""
+    tree = ast.parse(source)
+    found = []
+    inner_nodes = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and id(node) not in inner_nodes:
+            chain, inner = [node.attr], node.value
+            while isinstance(inner, ast.Attribute):
+                chain.append(inner.attr)
+                inner = inner.value
+            if isinstance(inner, ast.Name):
+                chain.append(inner.id)
+            chain.reverse()  # torch, ops, mkldnn, _linear_pointwise
+            if chain[0] == "torch" and any(
+                    part.startswith("_") and not part.startswith("__")
+                    and part not in PRIVATE_ALLOWED for part in chain[1:]):
+                found.append(".".join(chain))
+            if node.attr == "found_inf" and isinstance(node.ctx, ast.Store):
+                found.append("assigns .found_inf")
+    found += re.findall(r"\b(mallopt|ctypes)\b", source)
+    return found
+
+
+def test_no_private_pytorch_machinery():
+    bad = {name: uses for name, path in MODULES.items()
+           if (uses := private_uses(path.read_text(encoding="utf-8")))}
+    assert not bad, bad
+
+
+def test_at_most_four_modules_call_backward():
+    calls = sorted(name for name, path in MODULES.items()
+                   if ".backward(" in path.read_text(encoding="utf-8"))
+    assert len(calls) <= MAX_BACKWARD_MODULES, calls
 
 
 def test_at_most_six_top_level_modules():
@@ -134,6 +188,19 @@ def test_at_most_six_top_level_modules():
 
 
 # ---------------------------------------------------------------- the checker itself
+
+@pytest.mark.parametrize("source, expected", [
+    ("torch.ops.mkldnn._linear_pointwise(x, w)",
+     ["torch.ops.mkldnn._linear_pointwise"]),
+    ("torch.autograd.Variable._execution_engine.queue_callback(f)",
+     ["torch.autograd.Variable._execution_engine.queue_callback"]),
+    ("opt.found_inf = flag", ["assigns .found_inf"]),
+    ("libc = ctypes.CDLL(None); libc.mallopt(-3, 1)", ["ctypes", "mallopt"]),
+    ("torch._scaled_mm(a, b); torch.__version__; x.found_inf", []),
+])
+def test_the_private_machinery_check_finds_what_it_must(source, expected):
+    assert private_uses(source) == expected
+
 
 def test_cycle_finder_finds_a_cycle_and_accepts_a_tree():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
@@ -145,7 +212,7 @@ def test_cycle_finder_finds_a_cycle_and_accepts_a_tree():
      ["llmcore.nn", "llmcore.nn.swap"]),
     ("from . import swap", "llmcore.nn", True, ["llmcore.nn", "llmcore.nn.swap"]),
     ("from ..config import Tiered", "llmcore.nn.swap", False, ["llmcore.config"]),
-    ("import llmcore.runtime as rt", "llmcore.book.colab", False, ["llmcore.runtime"]),
+    ("import llmcore.runtime as rt", "tools.colab", False, ["llmcore.runtime"]),
     ("import torch", "llmcore.runtime", False, []),
 ])
 def test_import_edges_resolve_relative_and_from_imports(source, current, is_package,

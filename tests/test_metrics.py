@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmcore.apps.metrics import (accuracy_ci, confusion_matrix, corpus_bleu,
+from book.workers.metrics import (accuracy_ci, confusion_matrix, corpus_bleu,
                                   distinct_n, mcnemar_test, ngrams,
                                   paired_difference_ci, repetition_rate,
                                   wilson_interval)

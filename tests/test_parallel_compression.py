@@ -5,12 +5,12 @@ import functools
 
 import pytest
 import torch
+from parallel_fixtures import TinyLM, random_batches
 
+from book.workers.common import max_abs_diff, train_single
+from book.workers.data import train_worker
 from llmcore.parallel import launch
 from llmcore.parallel.compression import make_hook, orthogonalize
-from llmcore.parallel.experiments.common import max_abs_diff, train_single
-from llmcore.parallel.experiments.data import train_worker
-from parallel_fixtures import TinyLM, random_batches
 
 pytestmark = pytest.mark.distributed
 

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from book.workers.context import block_check, ring_check, ring_saved_bytes, ring_traffic
 from llmcore.models.gpt import GPTConfig
 from llmcore.nn.attention import MultiHeadAttention
 from llmcore.nn.positional import RotaryEmbedding
@@ -18,8 +19,6 @@ from llmcore.parallel.comm import Comm
 from llmcore.parallel.context_parallel import (LAYOUTS, ContextParallel,
                                                ContextParallelAttention, chunk_ids,
                                                shard_sequence)
-from llmcore.parallel.experiments.context import (block_check, ring_check,
-                                                  ring_saved_bytes, ring_traffic)
 
 SHAPE = (2, 3, 16, 8)  # (B, nh, T, hs)
 CFG = GPTConfig(vocab_size=32, block_size=16, n_layer=1, n_head=4, n_embd=32)

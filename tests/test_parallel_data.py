@@ -4,14 +4,14 @@ import functools
 
 import pytest
 import torch
+from parallel_fixtures import TinyLM, random_batches
 
+from book.workers.common import max_abs_diff, train_single
+from book.workers.data import dropout_masks, train_worker
+from book.workers.timeline import dp_timeline_worker, overlap
 from llmcore.parallel import BucketedDataParallel, launch
 from llmcore.parallel.costmodel import dp_payload
 from llmcore.parallel.data_parallel import make_buckets
-from llmcore.parallel.experiments.common import max_abs_diff, train_single
-from llmcore.parallel.experiments.data import dropout_masks, train_worker
-from llmcore.parallel.experiments.timeline import dp_timeline_worker, overlap
-from parallel_fixtures import TinyLM, random_batches
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)
 DATA = random_batches(steps=3, batch=8, seq=6, vocab=32)

@@ -13,7 +13,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import dcp, launch
-from llmcore.parallel.native import clip_grad_norm_, parallelize_gpt
+from llmcore.parallel.native import parallelize_gpt
+from llmcore.train.step import clip_grad_norm
 
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
 X = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(1))
@@ -32,7 +33,7 @@ def run(rank, world_size, dp, tp, path, steps, save_at=None, resume=False):
         x, y = X.roll(step, 0).chunk(dp)[row], Y.roll(step, 0).chunk(dp)[row]
         loss = model(x, y)[1]
         loss.backward()
-        clip_grad_norm_(list(model.parameters()), 0.05)
+        clip_grad_norm(model.parameters(), 0.05)
         opt.step()
         opt.zero_grad()
         mean = loss.detach().clone()

@@ -10,12 +10,22 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch, native
-from llmcore.parallel.native import (apply_parallel, clip_grad_norm_, full_state,
-                                     init_distributed, parallelize_gpt, pick_device)
+from llmcore.parallel.native import (full_state, init_distributed, parallelize_gpt,
+                                     pick_device)
+from llmcore.train.step import clip_grad_norm
 
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
 X = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(1))
 Y = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(2))
+
+
+def wrap(model, mode, world_size):
+    """DDP, or llmcore's GPT on a (world, 1) mesh (FSDP2) or a (1, world) one (TP)."""
+    if mode == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    shape = (world_size, 1) if mode == "fsdp" else (1, world_size)
+    mesh = init_device_mesh("cpu", shape, mesh_dim_names=("dp", "tp"))
+    return parallelize_gpt(model, mesh, param_dtype=None)
 
 
 def every_mode(rank, world_size):
@@ -26,7 +36,7 @@ def every_mode(rank, world_size):
     for mode in ("ddp", "fsdp", "tp"):
         model = copy.deepcopy(ref)
         model.zero_grad(set_to_none=True)
-        model = apply_parallel(model, mode, torch.device("cpu"))
+        model = wrap(model, mode, world_size)
         if mode == "tp":  # tensor parallel ranks read the same batch
             x, y = X, Y
         else:
@@ -102,7 +112,7 @@ def dp_tp_steps(rank, world_size, steps=4, max_norm=0.05):
         torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
         loss = model(x.chunk(2)[row], y.chunk(2)[row])[1]
         loss.backward()
-        clip_grad_norm_(list(model.parameters()), max_norm)
+        clip_grad_norm(model.parameters(), max_norm)
         for opt in opts:
             opt.step()
             opt.zero_grad()

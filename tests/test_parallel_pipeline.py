@@ -8,12 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from book.workers.pipeline import dp_pp_worker, pipeline_worker, torch_pipelining_worker
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch, pipeline
 from llmcore.parallel.comm import CommStats
 from llmcore.parallel.costmodel import bubble_fraction, pp_payload
-from llmcore.parallel.experiments.pipeline import (dp_pp_worker, pipeline_worker,
-                                                   torch_pipelining_worker)
 from llmcore.parallel.pipeline import bubble, gpipe, one_f_one_b, simulate
 
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16)

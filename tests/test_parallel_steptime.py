@@ -7,13 +7,15 @@ import time
 
 import pytest
 
+from llmcore.accounting import flops_per_token
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel import calibrate, launch
-from llmcore.parallel.calibrate import (fit_compute, fit_link, median_times,
-                                        run_queue_s, sweep_worker)
+from llmcore.parallel import launch
+from tools.bench import calibrate
 from llmcore.parallel.costmodel import Plan, bubble_fraction
 from llmcore.parallel.steptime import (Cluster, Device, Link, ring_steps,
-                                       scaling_efficiency, step_time, train_flops)
+                                       scaling_efficiency, step_time)
+from tools.bench.calibrate import (fit_compute, fit_link, median_times, run_queue_s,
+                                   sweep_worker)
 
 CFG = GPTConfig(vocab_size=64, block_size=64, n_layer=4, n_head=4, n_embd=128)
 
@@ -50,7 +52,7 @@ def _cluster(alpha=0.0, bandwidth=1e18, cores=0, flops=1e12):
 def test_free_links_scale_perfectly_and_the_bubble_costs_its_fraction():
     c = _cluster()
     one = step_time(CFG, Plan(), 16, 64, c)["total"]
-    assert one == pytest.approx(train_flops(CFG, 16, 64) / 1e12)
+    assert one == pytest.approx(16 * 64 * flops_per_token(CFG, 64) / 1e12)
     for plan in (Plan(dp=4), Plan(tp=4), Plan(dp=2, tp=2, zero=3)):
         assert step_time(CFG, plan, 16, 64, c)["total"] == pytest.approx(one / 4)
     pp = step_time(CFG, Plan(pp=2, micro_batches=4), 16, 64, c)

@@ -4,15 +4,23 @@ import functools
 
 import pytest
 import torch
+import torch.distributed as dist
+from parallel_fixtures import TinyLM, WithIdle, random_batches
 
-from llmcore.parallel import launch
+from book.workers.common import (
+    local_batches,
+    plain_config,
+    replay,
+    train_adam_single,
+    units_of,
+)
+from book.workers.zero import fsdp_worker, zero_worker
 from llmcore.accounting import zero_bytes_per_param, zero_state_bytes
+from llmcore.config import override
+from llmcore.parallel import launch
 from llmcore.parallel.costmodel import zero_payload
 from llmcore.parallel.zero import ZeroDataParallel
-from llmcore.parallel.experiments.common import (local_batches, train_adam_single,
-                                                 units_of)
-from llmcore.parallel.experiments.zero import fsdp_worker, zero_worker
-from parallel_fixtures import TinyLM, WithIdle, random_batches
+from llmcore.train import train
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)
 DATA = random_batches(steps=3, batch=8, seq=6, vocab=32)
@@ -70,14 +78,14 @@ def discarded_backward(rank, world_size, stage):
     """A backward whose gradients are dropped by zero_grad() before any step."""
     torch.manual_seed(0)
     model = MODEL()
-    z = ZeroDataParallel(model, stage, units=units_of(model, "mlp"), lr=1e-2)
+    z = ZeroDataParallel(model, stage, units=units_of(model, "mlp"))
+    opt = z.make_optimizer(torch.optim.Adam, lr=1e-2)
     batches = list(local_batches(DATA, rank, world_size))
     z(*batches[0])[1].backward()
     z.zero_grad()  # forget it
     for x, y in batches:
         z(x, y)[1].backward()
-        z.step()
-        z.zero_grad()
+        opt.step()
     return z.full_parameters()
 
 
@@ -95,25 +103,40 @@ def _zero_of(weights, stage):
 
 
 def idle_unit(rank, world_size):
-    """Stage 3 with a frozen and an unused parameter inside the unit."""
+    """Stage 3 with a frozen and an unused parameter inside the unit: the unit stays
+    gathered until the step (no gradient says it is done), then every parameter is
+    freed."""
     torch.manual_seed(rank)  # frozen weights differ too: the broadcast must fix them
     model = IDLE()
-    z = ZeroDataParallel(model, 3, units=units_of(model, "mlp"), lr=1e-2)
+    z = ZeroDataParallel(model, 3, units=units_of(model, "mlp"))
+    opt = z.make_optimizer(torch.optim.Adam, lr=1e-2)
     freed = []
     for x, y in local_batches(DATA, rank, world_size):
         z(x, y)[1].backward()
+        opt.step()
         freed.append(all(p.untyped_storage().nbytes() == 0 for p in z.params))
-        z.step()
-        z.zero_grad()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters()
               if not p.requires_grad}
     return {"params": {**z.full_parameters(), **frozen}, "freed": freed}
 
 
+def clipped(rank, world_size, stage):
+    """ZeRO's clip_grad_norm_ in the book's loop against torch's on one process."""
+    torch.manual_seed(0)
+    model = MODEL()
+    z = ZeroDataParallel(model, stage, units=units_of(model, "mlp"))
+    cfg = override(plain_config(len(DATA[0])), grad_clip=0.05)
+    history = train(z, replay(DATA, rank, world_size), cfg,
+                    optimizer=z.make_optimizer(torch.optim.Adam, lr=1e-2),
+                    dp_group=dist.group.WORLD)
+    return {"params": z.full_parameters(), "norms": history.grad_norm}
+
+
 def every_fix(rank, world_size):
     return {"discard": {s: discarded_backward(rank, world_size, s) for s in (1, 2, 3)},
             "master": master_from_fp32(rank, world_size),
-            "idle": idle_unit(rank, world_size)}
+            "idle": idle_unit(rank, world_size),
+            "clip": {s: clipped(rank, world_size, s) for s in (0, 2, 3)}}
 
 
 @pytest.fixture(scope="module")
@@ -139,5 +162,20 @@ def test_master_copy_is_built_from_the_fp32_weights(fixes):
 def test_stage3_frees_a_unit_with_frozen_and_unused_parameters(fixes):
     ref = train_adam_single(IDLE, DATA)
     for r in fixes:
-        assert all(r["idle"]["freed"])  # nothing left gathered after backward
+        assert all(r["idle"]["freed"])  # nothing left gathered after the step
         assert max_diff(r["idle"]["params"], ref) < 1e-5  # every forward saw the step
+
+
+@pytest.mark.distributed
+def test_clipping_in_the_loop_measures_the_global_norm(fixes):
+    torch.manual_seed(0)
+    ref = MODEL()
+    cfg = override(plain_config(len(DATA[0])), grad_clip=0.05)
+    history = train(ref, replay(DATA), cfg,
+                    optimizer=torch.optim.Adam(ref.parameters(), lr=1e-2))
+    want = {n: p.detach() for n, p in ref.named_parameters()}
+    for r in fixes:
+        for s, run in r["clip"].items():
+            assert run["norms"] == pytest.approx(history.grad_norm, rel=1e-4), s
+            assert run["norms"][0] > 0.05  # the clip did act
+            assert max_diff(run["params"], want) < 1e-5, s

@@ -6,11 +6,10 @@ import itertools
 import pytest
 import torch
 
-from llmcore.apps.metrics import paired_difference_ci
-from llmcore.apps.qa import (SEP, QAExample, SpanReader, best_span, encode,
-                             exact_match, f1, normalize_answer, predict_answers,
-                             qa_loss, span_loss, speaker_baselines,
-                             speaker_questions, speakers)
+from book.workers.metrics import paired_difference_ci
+from book.workers.qa import (SEP, QAExample, SpanReader, best_span, encode, exact_match,
+                             f1, normalize_answer, predict_answers, qa_loss, span_loss,
+                             speaker_baselines, speaker_questions, speakers)
 from llmcore.data import load_corpus
 from llmcore.models.bert import BERT, BertConfig
 from llmcore.tokenizer import BPETokenizer, CharTokenizer

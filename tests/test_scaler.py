@@ -118,7 +118,7 @@ def test_underflow_fraction():
 
 
 def test_autocast_table_and_saved_bytes():
-    from llmcore.precision.autocast import autocast_op_table, saved_tensor_bytes
+    from book.workers.autocast import autocast_op_table, saved_tensor_bytes
 
     verdict = {r["op"]: r["autocast"] for r in autocast_op_table("cpu", torch.bfloat16)}
     assert verdict["linear"] == verdict["matmul"] == "low precision"

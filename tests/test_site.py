@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from llmcore.book import sitecheck
+from tools import sitecheck
 
 ROOT = Path(__file__).resolve().parent.parent
 MERMAID = ROOT / "_static" / "mermaid"

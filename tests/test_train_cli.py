@@ -129,7 +129,7 @@ def test_files_have_ordinary_modes_and_no_temporaries_stay(tmp_path):
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {mode}
 
 
-def test_a_parallel_checkpoint_cannot_be_resumed_and_says_which_flag(tmp_path):
+def test_a_weights_only_checkpoint_cannot_be_resumed_and_says_why(tmp_path):
     out = tmp_path / "run"
     assert cli(out) == 0
     payload = read_checkpoint(out / "ckpt.pt")
@@ -137,9 +137,9 @@ def test_a_parallel_checkpoint_cannot_be_resumed_and_says_which_flag(tmp_path):
     model = run_module.build_model(TINY, vocab)
     model.load_state_dict(payload["model"])
     run_module.save_checkpoint(out / "ckpt.pt", model, step=4, extra={
-        "meta": {**payload["extra"]["meta"], "parallel": "ddp"},
-        "config": payload["extra"]["config"]})  # what a --parallel ddp run writes
-    with pytest.raises(ValueError, match="--parallel ddp run.*--overwrite"):
+        "meta": payload["extra"]["meta"], "config": payload["extra"]["config"]})
+    with pytest.raises(ValueError, match="final weights only, no optimizer state.*"
+                                         "--overwrite"):
         cli(out, "--resume")
 
 

@@ -1,5 +1,5 @@
-"""``torchrun`` / ``accelerate launch -m llmcore.train --parallel ...``: PyTorch's
-engines behind the book's command line, two CPU processes."""
+"""``accelerate launch -m llmcore.train --dp 2``, and data-parallel ranks through the
+book's loop, on two CPU processes."""
 
 import json
 import os
@@ -12,10 +12,7 @@ import torch
 from llmcore.parallel.launch import free_port
 from llmcore.train import read_checkpoint
 
-
 LAUNCHERS = {
-    "torchrun": [sys.executable, "-m", "torch.distributed.run",
-                 "--nproc_per_node", "2"],
     # `accelerate launch --cpu` would start ONE process; this is how to get two on CPU.
     "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                    "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
@@ -24,15 +21,14 @@ LAUNCHERS = {
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("launcher, mode", [("torchrun", "fsdp"), ("torchrun", "tp"),
-                                            ("accelerate", "ddp")])
-def test_parallel_run_writes_a_whole_model(tmp_path, launcher, mode):
-    out = tmp_path / mode
-    cmd = LAUNCHERS[launcher] + [
-        "--main_process_port" if launcher == "accelerate" else "--master_port",
-        str(free_port()), "-m", "llmcore.train", "--preset", "shakespeare-char",
-        "--tier", "cpu", "--steps", "4", "--parallel", mode, "--out", str(out),
-        "--no-progress"]
+def test_accelerate_launch_runs_the_mesh_and_writes_a_whole_model(tmp_path):
+    """The same command under `accelerate launch`, which sets torchrun's variables:
+    two FSDP2 ranks (--dp 2), and at the end the whole model, not one rank's shard."""
+    out = tmp_path / "dp"
+    cmd = LAUNCHERS["accelerate"] + [
+        "--main_process_port", str(free_port()), "-m", "llmcore.train", "--preset",
+        "shakespeare-char", "--tier", "cpu", "--steps", "4", "--dp", "2", "--out",
+        str(out), "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="true")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -43,15 +39,6 @@ def test_parallel_run_writes_a_whole_model(tmp_path, launcher, mode):
     # the whole model, not one rank's shard: full (V, C) embedding, plain tensors
     assert state["tok_emb.weight"].shape == (65, 128)
     assert all(type(t) is torch.Tensor for t in state.values())
-
-
-def test_parallel_without_torchrun_is_a_clear_error(capsys):
-    from llmcore.train.__main__ import main
-
-    with pytest.raises(ValueError, match="needs several processes; start the run with "
-                                         "`torchrun"):
-        main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "1",
-              "--parallel", "ddp", "--no-progress", "--out", "/nonexistent/x"])
 
 
 def masked_batch():

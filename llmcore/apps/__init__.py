@@ -1,3 +1,2 @@
-"""Applications of the pretrained models (chapters 21-25): classification and
-fine-tuning, LoRA, dialogue, extractive question answering (``qa``, chapter 23), beam
-search, metrics, and model compression."""
+"""Applications of the pretrained models (chapters 22-25): classification and
+fine-tuning, LoRA, dialogue, beam search."""

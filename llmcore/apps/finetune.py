@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmcore.data.collate import collate
 from llmcore.apps.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from llmcore.data.collate import collate
 from llmcore.models.gpt import GPT
 from llmcore.tokenizer import BPETokenizer
 

@@ -1,11 +1,10 @@
 """Data: the vendored corpora and the datasets built from them."""
 
-from llmcore.data.collate import (
-    attention_mask_matrix, causal_lm_targets, collate, pad_sequences)
+from llmcore.data.collate import (attention_mask_matrix, causal_lm_targets, collate,
+                                  pad_sequences)
 from llmcore.data.corpora import CorpusError, load_corpus
-from llmcore.data.lm import (
-    LMWindows, get_batch, load_token_cache, split_tokens, unigram_loss,
-    write_token_cache)
+from llmcore.data.lm import (LMWindows, get_batch, load_token_cache, split_tokens,
+                             unigram_loss, write_token_cache)
 from llmcore.data.mlm import IGNORE_INDEX, mask_tokens
 from llmcore.data.rtd import detection_loss, replace_tokens
 

@@ -32,7 +32,6 @@ import torch
 from llmcore.config import IGNORE_INDEX
 
 
-
 def _draw_device(generator: torch.Generator | None, fallback: torch.device):
     return generator.device if generator is not None else fallback
 

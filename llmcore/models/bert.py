@@ -138,9 +138,6 @@ class BERT(nn.Module):
         self.mlm_head = MLMHead(c.n_embd, self.embeddings.tok_emb, c.bias)
         self.apply(init_weights)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def hidden(self, idx: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """The encoder's output (B, T, C): contextual vectors for probes and heads."""
         check_ids(idx, self.config.block_size)

@@ -86,9 +86,6 @@ class Electra(nn.Module):
                                        nn.GELU(), nn.Linear(c.n_embd, 1))
         self.apply(init_weights)
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def generator_logits(self, idx: Tensor, attention_mask: Tensor | None = None
                          ) -> Tensor:
         """The generator's MLM predictions (B, T, V)."""

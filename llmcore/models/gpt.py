@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmcore.config import check_positive_int
+from llmcore.config import check_fields
 from llmcore.nn import GPTBlock, KVCache, LearnedPositionalEmbedding, make_norm
 from llmcore.nn.loss import lm_loss
 
@@ -41,8 +41,8 @@ class GPTConfig:
     use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
 
     def __post_init__(self):
-        check_positive_int(self, "vocab_size", "block_size", "n_layer", "n_head",
-                           "n_embd")
+        check_fields(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd",
+                     integer=True, above=0)
         if self.n_embd % self.n_head:
             raise ValueError(f"{type(self).__name__}.n_embd={self.n_embd} must be a "
                              f"multiple of n_head={self.n_head}")
@@ -84,16 +84,6 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.Embedding, LearnedPositionalEmbedding)):
             nn.init.normal_(module.weight, 0.0, 0.02)
-
-    def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, each shared tensor counted once.
-
-        ``non_embedding=True`` leaves out the position table, the count used for
-        ``6N`` FLOPs: the token embedding stays in because the output layer, a real
-        matmul, uses the same matrix.
-        """
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
 
     def new_kv_caches(self, static: bool = True) -> list[KVCache]:
         """One empty cache per block, for :func:`llmcore.generate.generate`: static

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmcore.config import check_positive_int
+from llmcore.config import check_fields
 from llmcore.nn import (DecoderBlock, EncoderBlock, KVCache,
                         SinusoidalPositionalEncoding, causal_mask, make_norm)
 
@@ -37,8 +37,9 @@ class Seq2SeqConfig:
     activation: str = "relu"  # feed-forward activation: relu, gelu, swiglu
 
     def __post_init__(self):
-        check_positive_int(self, "src_vocab", "tgt_vocab", "d_model", "n_heads",
-                           "n_enc_layers", "n_dec_layers", "d_ff", "max_len")
+        check_fields(self, "src_vocab", "tgt_vocab", "d_model", "n_heads",
+                     "n_enc_layers", "n_dec_layers", "d_ff", "max_len", integer=True,
+                     above=0)
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} must be a multiple of "
                              f"n_heads={self.n_heads}")

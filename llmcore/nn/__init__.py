@@ -7,7 +7,6 @@ layers.py      LayerNorm, RMSNorm, FeedForward (ReLU, GELU, SwiGLU), make_norm
 positional.py  sinusoidal and learned positional encodings, rotary embeddings (RoPE)
 blocks.py      EncoderBlock (post-LN or pre-LN), GPTBlock, DecoderBlock
 loss.py        lm_loss; swap.py: swap_modules
-gemm.py        cpu_gemm: fp32 linear layers on the CPU computed by oneDNN (or MKL)
 
 Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean mask is
 True where attention is allowed, a float mask is added to the scores.

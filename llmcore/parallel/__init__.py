@@ -4,12 +4,11 @@ context (ring attention).
 Every scheme runs under :func:`launch` with gloo on the CPU (or NCCL on GPUs) and is
 checked against a single process and against PyTorch's own implementation. The
 experiments the chapters run on top of them (workers, sweeps, timelines) live in
-``llmcore.parallel.experiments``, which nothing here imports.
+``book.workers``, which nothing here imports.
 """
 
 from llmcore.parallel.comm import Comm, CommStats, HookState, allreduce_hook
-from llmcore.parallel.context_parallel import (ContextParallel,
-                                               ContextParallelAttention)
+from llmcore.parallel.context_parallel import ContextParallel, ContextParallelAttention
 from llmcore.parallel.data_parallel import BucketedDataParallel, NaiveDataParallel
 from llmcore.parallel.launch import WorkerError, launch
 from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,

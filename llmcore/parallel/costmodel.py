@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from llmcore.accounting import gpt_param_count, zero_state_bytes
-from llmcore.config import check_positive_int
+from llmcore.config import check_fields
 from llmcore.parallel.activations import activation_bytes
 from llmcore.parallel.comm import wire_bytes
 
@@ -89,7 +89,7 @@ class Plan:
     micro_batches: int = 1  # per step, for the pipeline bubble
 
     def __post_init__(self):
-        check_positive_int(self, "dp", "tp", "pp", "micro_batches")
+        check_fields(self, "dp", "tp", "pp", "micro_batches", integer=True, above=0)
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"Plan.zero must be 0-3, got {self.zero!r}")
 

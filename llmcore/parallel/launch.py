@@ -17,7 +17,7 @@ Three rules keep it from ever hanging or failing in silence:
   ``launch`` without ``if __name__ == "__main__":``) shows what it printed.
 
 A notebook's function cannot be pickled into a spawned process, so ``fn`` must be
-importable (the book's workers live in ``llmcore.parallel.experiments``).
+importable (the book's workers live in ``book.workers``).
 :func:`default_backend` picks gloo or NCCL, :func:`rank_device` a rank's device.
 This module and ``llmcore.runtime`` are the only ones that read the environment.
 """
@@ -37,8 +37,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from llmcore.parallel.supervise import (WorkerError, collect, echo, start_logged,
-                                        stop)
+from llmcore.parallel.supervise import WorkerError, collect, echo, start_logged, stop
 
 DEFAULT_WALL_TIMEOUT = 600.0  # seconds a whole launch() may take unless told otherwise
 
@@ -140,7 +139,7 @@ def _check_fn(fn) -> None:
         raise ValueError(
             f"fn={getattr(fn, '__qualname__', fn)!r} cannot be sent to a spawned "
             "process: define it at the top level of an importable module "
-            "(the book's workers live in llmcore.parallel.experiments)")
+            "(the book's workers live in book.workers)")
 
 
 def launch(fn: Callable[..., Any], world_size: int, *args: Any,

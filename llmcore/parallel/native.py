@@ -4,9 +4,8 @@ What the book writes by hand in this package, PyTorch ships ready for clusters.
 Under ``torchrun`` a training script calls
 
     info = init_distributed()                       # from torchrun's environment
-    model = apply_parallel(model, "fsdp", info.device)          # one engine, or
     mesh = init_device_mesh(info.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
-    model = parallelize_gpt(model, mesh)                        # several, composed
+    model = parallelize_gpt(model, mesh)            # TP in a row, FSDP2 across rows
 
 :func:`parallelize_gpt` follows torchtitan's documented order: tensor parallelism on
 the inner mesh dimension, then activation checkpointing, then (optionally) one
@@ -28,7 +27,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
@@ -39,9 +38,6 @@ from llmcore.parallel.activations import apply_activation_checkpointing
 from llmcore.parallel.launch import (default_backend, gpu_count, rank_device,
                                      torchrun_env)
 from llmcore.runtime import select_device
-
-MODES = ("ddp", "fsdp", "tp")
-
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -199,40 +195,3 @@ def full_state(model: nn.Module, grads: bool = False) -> dict[str, torch.Tensor]
             if parts[0] is not None:
                 out[f"{pre}qkv_proj.{kind}"] = torch.cat(parts)
     return out
-
-
-@torch.no_grad()
-def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for a model whose parameters live on
-    different meshes (plain, TP, FSDP, both): each gradient's norm is reduced over
-    its own mesh, then the squares are summed. Returns the total norm (fp32)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    # each norm stays on its device: no host sync until the caller reads the total
-    norms = [_local(torch.linalg.vector_norm(g, dtype=torch.float32)) for g in grads]
-    total = torch.stack([n.to(norms[0].device) ** 2 for n in norms]).sum().sqrt()
-    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for g in grads:
-        g.mul_(coef.to(g.device, g.dtype))
-    return total
-
-
-def apply_parallel(model: nn.Module, mode: str, device: torch.device,
-                   mixed_precision: torch.dtype | None = None) -> nn.Module:
-    """Wrap llmcore's GPT for one engine, ``mode`` (ddp, fsdp or tp), on all ranks.
-
-    Every rank must have built the model from the same seed (fsdp and tp keep each
-    rank's own slice of its own weights; ddp broadcasts rank 0's).
-    ``mixed_precision``: FSDP2's parameter dtype for compute (e.g. torch.bfloat16).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    model = model.to(device)
-    if mode == "ddp":
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    if mode == "fsdp":
-        return apply_fsdp(model, mesh, mixed_precision)
-    return apply_tp(model, mesh)

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from llmcore.parallel.comm import Comm
 from llmcore.nn.loss import lm_loss
+from llmcore.parallel.comm import Comm
 
 
 class GPTStage(nn.Module):

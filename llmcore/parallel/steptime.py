@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from llmcore.accounting import gpt_param_count
-from llmcore.config import check_positive
+from llmcore.accounting import flops_per_token, gpt_param_count
+from llmcore.config import check_fields
 from llmcore.parallel.comm import wire_bytes
 from llmcore.parallel.costmodel import Plan, tp_payload, zero_payload
 
@@ -80,7 +80,7 @@ class Device:
     cores: int = 0  # cores all ranks share (a CPU); 0: every rank has its own device
 
     def __post_init__(self):
-        check_positive(self, "flops")
+        check_fields(self, "flops", above=0)
 
     def slowdown(self, ranks: int) -> float:
         """How much slower each rank computes when ``ranks`` share ``cores``."""
@@ -103,15 +103,6 @@ class Cluster:
     def links(self, span: int) -> dict:
         """The links of a group whose ranks lie within ``span`` consecutive ranks."""
         return self.intra if span <= self.per_node else self.inter
-
-
-def train_flops(cfg, batch: int, seq: int) -> float:
-    """FLOPs of a forward and backward: 6 per parameter per token for the matmuls
-    (the output layer included) and 12 L C T per token for attention (Kaplan et al.
-    2020, PaLM appendix B)."""
-    c, layers = cfg.n_embd, cfg.n_layer
-    matmul = 12 * layers * c * c + cfg.vocab_size * c
-    return batch * seq * (6 * matmul + 12 * layers * c * seq)
 
 
 def _sum(lk: dict, ops: dict, n: int, messages: dict) -> float:
@@ -139,7 +130,8 @@ def step_time(cfg, plan: Plan, batch: int, seq: int, cluster: Cluster, *,
                         bias=getattr(cfg, "bias", True))
     local = n / (tp * pp)
     mb = batch // (dp * m)  # sequences per micro-batch
-    t_mb = slow * (dev.fixed_s / pp + train_flops(cfg, mb, seq) / (tp * pp) / dev.flops)
+    flops = mb * seq * flops_per_token(cfg, seq)  # one micro-batch, whole model
+    t_mb = slow * (dev.fixed_s / pp + flops / (tp * pp) / dev.flops)
     tp_lk = cluster.links(tp)
     t_tp = 0.0
     if tp > 1:
@@ -194,6 +186,6 @@ def scaling_efficiency(cfg, plan: Plan, batch_per_replica: int, seq: int,
     """Throughput of ``plan`` over that of its ranks each computing alone: ideal
     weak scaling is 1 (same work per replica, no communication, no bubble)."""
     t = step_time(cfg, plan, batch_per_replica * plan.dp, seq, cluster, **kw)["total"]
-    alone = train_flops(cfg, batch_per_replica * plan.dp, seq) / (
+    alone = batch_per_replica * plan.dp * seq * flops_per_token(cfg, seq) / (
         plan.world_size * cluster.device.flops)
     return alone / t

@@ -16,15 +16,27 @@ stage  sharded                                     bytes/param
 
 Every parameter is flattened, padded to a multiple of N and cut into N equal shards;
 rank r owns shard r (the per-parameter sharding of FSDP2's ``fully_shard``). Rank r
-updates only its shard with Adam; stages 0-2 all-gather the new values, stage 3 keeps
-only the shard and gathers a *unit* (a block) right before its forward and backward.
-The optimizer is ``torch.optim.Adam`` on the shards: Adam is elementwise, so a sharded
-step equals the unsharded one.
+updates only its shard; stages 0-2 all-gather the new values, stage 3 keeps only the
+shard and gathers a *unit* (a block) right before its forward and backward.
+
+The optimizer is any ``torch.optim`` optimizer built over the fp32 master shards by
+:meth:`ZeroDataParallel.make_optimizer`; it trains in the book's one loop::
+
+    zero = ZeroDataParallel(model, stage=2)
+    opt = zero.make_optimizer(torch.optim.AdamW, lr=1e-3)
+    train(zero, batch_fn, cfg, optimizer=opt, dp_group=dist.group.WORLD)
+
+Two public optimizer hooks do the communication: before its step the averaged
+gradient shards become the master shards' gradients, after it the new values go
+back to the working parameters. An elementwise optimizer (SGD, Adam, AdamW) on the
+shards then equals the unsharded one. ``clip_grad_norm_`` measures the norm over
+all shards (one all-reduce), as FSDP's does.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,17 +44,16 @@ from llmcore.parallel.comm import Comm, nbytes
 
 
 class ZeroDataParallel(nn.Module):
-    """Data parallel training with ZeRO ``stage`` 0-3; owns its Adam optimizer.
+    """Data parallel training with ZeRO ``stage`` 0-3.
 
     ``units``: submodules gathered and freed as a whole at stage 3 (e.g. the blocks);
     parameters outside every unit form the root unit, gathered for the whole step.
     ``param_dtype``: dtype of the working parameters and gradients (bf16 for mixed
-    precision); the master copy and Adam's moments are fp32.
+    precision); the master copy and the optimizer's state are fp32.
     """
 
     def __init__(self, module: nn.Module, stage: int, group=None, units=(),
-                 param_dtype: torch.dtype = torch.float32, lr: float = 1e-3,
-                 betas=(0.9, 0.999), eps: float = 1e-8):
+                 param_dtype: torch.dtype = torch.float32):
         super().__init__()
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -53,6 +64,9 @@ class ZeroDataParallel(nn.Module):
         self.master: dict[nn.Parameter, torch.Tensor] = {}  # fp32 shard (or whole)
         self.grad_shard: dict[nn.Parameter, torch.Tensor] = {}
         self.param_shard: dict[nn.Parameter, torch.Tensor] = {}  # stage 3
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._reduced = False  # the master shards hold this step's gradients
+        self._kept = 0  # gradient bytes backward left, once reduced
         with torch.no_grad():
             for t in [*module.parameters(), *module.buffers()]:
                 self.comm.broadcast(t.data, src=0)  # replicas start equal, frozen too
@@ -61,13 +75,20 @@ class ZeroDataParallel(nn.Module):
                 shard = whole.clone() if stage == 0 else self._shard(whole)
                 self.master[p] = shard.requires_grad_()
         module.to(param_dtype)  # the same Parameter objects, now in param_dtype
-        self.opt = torch.optim.Adam(list(self.master.values()), lr=lr, betas=betas,
-                                    eps=eps)
         if stage >= 2:  # gradients leave as soon as they are accumulated
             for p in self.params:
                 p.register_post_accumulate_grad_hook(self._reduce_scatter_grad)
         if stage == 3:
             self._setup_units(list(units))
+
+    def make_optimizer(self, cls=torch.optim.Adam, **kwargs) -> torch.optim.Optimizer:
+        """``cls(master shards, **kwargs)``, hooked to this wrapper: its ``step()``
+        first takes the averaged gradient shards, then publishes the new values."""
+        opt = cls(list(self.master.values()), **kwargs)
+        opt.register_step_pre_hook(lambda *args: self.reduce_gradients())
+        opt.register_step_post_hook(lambda *args: self._after_step())
+        self.optimizer = opt
+        return opt
 
     # ---------------------------------------------------------------- sharding
     def _padded(self, flat: torch.Tensor) -> torch.Tensor:
@@ -115,7 +136,6 @@ class ZeroDataParallel(nn.Module):
         self.module.register_forward_pre_hook(lambda m, a: self._materialize(root))
         self._unit_of = {id(p): ps for ps in self._units for p in ps}
         self._pending: dict[int, int] = {}
-        self._end_queued = False
         for p in self.params:  # after the last gradient of a unit, free the unit
             p.register_post_accumulate_grad_hook(self._maybe_free_unit)
 
@@ -132,9 +152,7 @@ class ZeroDataParallel(nn.Module):
             p.untyped_storage().resize_(0)
 
     def _maybe_free_unit(self, p: nn.Parameter) -> None:
-        if not self._end_queued:  # a parameter without a gradient never reports:
-            self._end_queued = True  # free every unit when backward is over
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_backward)
+        # A unit with a parameter that got no gradient stays whole until the step.
         unit = self._unit_of[id(p)]
         key = id(unit)
         self._pending[key] = self._pending.get(key, len(unit)) - 1
@@ -142,30 +160,51 @@ class ZeroDataParallel(nn.Module):
             del self._pending[key]
             self._free(unit)
 
-    def _end_backward(self) -> None:
-        self._end_queued = False
-        self._pending.clear()
-        for ps in self._units:
-            self._free(ps)
-
     # ---------------------------------------------------------------- training
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Average gradients, Adam on this rank's shard, bring parameters up to date.
+    def reduce_gradients(self) -> None:
+        """Average the gradients over the ranks into the master shards' ``grad``
+        (once per step; the optimizer's step calls it).
 
         A parameter that received no gradient (unused in this step, on every rank)
-        is skipped, as torch's Adam skips a parameter whose ``grad`` is None.
+        gets none, as torch's optimizers skip a parameter whose ``grad`` is None.
         """
+        if self._reduced:
+            return
+        self._kept = self._grad_bytes()  # what backward left, for state_bytes()
         for p in self.params:
             if self.stage >= 2:
                 g = self.grad_shard.pop(p, None)
             else:
                 g = self._reduce(p) if p.grad is not None else None
             self.master[p].grad = None if g is None else g.float().div_(self.world)
-        self.opt.step()
+        self._reduced = True
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the averaged gradients to a global 2-norm of at most ``max_norm``
+        (``math.inf``: measure only); return the norm before clipping."""
+        self.reduce_gradients()
+        grads = [m.grad for m in self.master.values() if m.grad is not None]
+        device = next(iter(self.master.values())).device
+        sq = torch.zeros((), device=device)
+        for g in grads:
+            sq += g.pow(2).sum()  # padding is zero: it adds nothing
+        if self.stage > 0:  # each rank holds a different part of the gradient
+            dist.all_reduce(sq, group=self.comm.group)  # a scalar: not in the payload
+        total = sq.sqrt()
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef)
+        return total
+
+    @torch.no_grad()
+    def _after_step(self) -> None:
+        """The new master values back into the working parameters; forget the
+        step's gradients."""
         for p in self.params:
             new = self.master[p].detach().to(p.dtype)
             if self.stage == 0:
@@ -176,23 +215,34 @@ class ZeroDataParallel(nn.Module):
                 self.param_shard[p] = new
         if self.stage == 3:  # the next forward gathers the new values
             self._free(self.params)
+            self._pending.clear()
+        self.zero_grad()
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget every gradient, also the shards a backward without a step left."""
         self.grad_shard.clear()
+        self._reduced = False
         for p in self.params:
             p.grad = None
             self.master[p].grad = None
 
+    def _grad_bytes(self) -> int:
+        grads = sum(nbytes(p.grad) for p in self.params if p.grad is not None)
+        return grads + sum(nbytes(t) for t in self.grad_shard.values())
+
     def state_bytes(self) -> dict[str, int]:
-        """Bytes this rank holds now: parameters, gradients, optimizer state."""
+        """Bytes this rank holds now: parameters, gradients, optimizer state.
+
+        Gradients are counted as backward leaves them (``param_dtype``, whole or
+        sharded) until the step ends; the fp32 copy the update reads is transient,
+        as in the ZeRO paper's count."""
         params = sum(p.untyped_storage().nbytes() for p in self.params)
         params += sum(nbytes(t) for t in self.param_shard.values())
-        grads = sum(nbytes(p.grad) for p in self.params if p.grad is not None)
-        grads += sum(nbytes(t) for t in self.grad_shard.values())
+        grads = self._kept if self._reduced else self._grad_bytes()
         opt = sum(nbytes(t) for t in self.master.values())
-        opt += sum(nbytes(t) for s in self.opt.state.values() for t in s.values()
-                   if t.dim() > 0)  # exp_avg, exp_avg_sq (not the step counter)
+        state = self.optimizer.state.values() if self.optimizer is not None else ()
+        opt += sum(nbytes(t) for s in state for t in s.values()
+                   if torch.is_tensor(t) and t.dim() > 0)  # moments, not step counts
         return {"params": params, "grads": grads, "optimizer": opt}
 
     def full_parameters(self) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
-"""Low-precision training: number formats, loss scaling, autocast, FP8, quantization.
+"""Low-precision training: number formats, loss scaling, FP8, quantization.
 
 Modules: ``formats`` (bits of fp32/tf32/fp16/bf16/fp8), ``scaler`` (``LossScaler``),
-``autocast`` (what autocast lowers, activation bytes), ``fp8_scaling`` (scaled FP8
+``fp8_scaling`` (scaled FP8
 casts, delayed scaling), ``fp8`` (the FP8 matmul, ``Float8Linear``,
 ``convert_to_float8`` and its ``size_filter``), ``quant`` (int8/int4 weight
 quantization and QAT).

@@ -91,7 +91,8 @@ class LossScaler:
             # one reduction per device, no host round trip per parameter
             finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
             found = torch.maximum(found, (~finite).float().to(found.device))
-            torch._foreach_mul_(grads, inv_scale.to(device))
+            for g in grads:
+                g.mul_(inv_scale.to(device))
         self._found_inf[id(optimizer)] = found
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):

@@ -3,8 +3,8 @@
 ``python -m llmcore.train --preset NAME`` trains a named preset from the command line.
 """
 
-from llmcore.train.checkpoint import (CheckpointError, load_checkpoint,
-                                      read_checkpoint, save_checkpoint)
+from llmcore.train.checkpoint import (CheckpointError, load_checkpoint, read_checkpoint,
+                                      save_checkpoint)
 from llmcore.train.loop import (PRECISIONS, History, TrainConfig, default_loss,
                                 evaluate, precision_context, train)
 from llmcore.train.optim import make_optimizer, make_scheduler, warmup_cosine

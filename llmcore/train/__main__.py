@@ -8,7 +8,7 @@
     python -m llmcore.train --preset shakespeare-char --steps 2000 --stop-at 500 \\
         --out runs/part                  # 500 of 2,000 steps; --resume does the rest
     torchrun --standalone --nproc_per_node 2 -m llmcore.train \\
-        --preset shakespeare-char --parallel fsdp --steps 200 --out runs/fsdp
+        --preset shakespeare-char --dp 2 --steps 200 --out runs/fsdp   # FSDP2
     torchrun --standalone --nproc_per_node 4 -m llmcore.train \\
         --preset shakespeare-char --dp 2 --tp 2 --steps 200 --out runs/mesh
 
@@ -26,14 +26,11 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 
-import llmcore.train.sharded as sharded
 from llmcore.config import override
 from llmcore.runtime import setup
-from llmcore.train.checkpoint import read_checkpoint
-from llmcore.train.loop import PRECISIONS
-from llmcore.train.run import PARALLEL, PRESETS, run
+from llmcore.train.loop import PRECISIONS, Interrupted
+from llmcore.train.run import PRESETS, run
 
 
 def positive_int(text: str) -> int:
@@ -81,18 +78,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="replace the run already in OUT")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--parallel", choices=PARALLEL, default="none",
-                   help="PyTorch engine under torchrun: ddp, fsdp (FSDP2) or tp")
-    p.add_argument("--dp", type=positive_int, default=None,
-                   help="data-parallel (FSDP2) rows of the device mesh; dp x tp = "
-                        "the processes torchrun starts")
-    p.add_argument("--tp", type=positive_int, default=None,
-                   help="tensor-parallel ranks per row of the device mesh")
-    args = p.parse_args(argv)
-    if (args.dp or args.tp) and args.parallel != "none":
-        p.error("--dp/--tp and --parallel exclude each other: --parallel ddp or fsdp "
-                "is --dp N, --parallel tp is --tp N")
-    return args
+    mesh = p.add_argument_group(
+        "parallel training (under torchrun; dp x tp = the processes it starts)")
+    mesh.add_argument("--dp", type=positive_int, default=None,
+                      help="data-parallel rows of the device mesh, each sharding the "
+                           "model, gradients and optimizer state with FSDP2")
+    mesh.add_argument("--tp", type=positive_int, default=None,
+                      help="tensor-parallel ranks per row of the device mesh")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,16 +99,14 @@ def main(argv: list[str] | None = None) -> int:
     changes = {k: v for k, v in changes.items() if v is not None}
     if "max_steps" in changes:  # keep the warm-up inside a shortened run
         changes["warmup_steps"] = min(preset.train.warmup_steps, args.steps // 10)
-        ckpt = Path(args.out) / ("ckpt.dcp" if mesh else "ckpt.pt")
-        if args.resume and ckpt.exists():  # a resumed run keeps its own warm-up
-            read = sharded.read_checkpoint if mesh else read_checkpoint
-            saved = read(ckpt)["extra"].get("config", {})
-            changes["warmup_steps"] = saved.get("warmup_steps",
-                                                changes["warmup_steps"])
     preset = override(preset, train=override(preset.train, **changes))
-    model, history, _ = run(preset, rt, args.out, resume=args.resume,
-                            parallel=args.parallel, overwrite=args.overwrite,
-                            mesh=mesh, stop_at=args.stop_at)
+    try:
+        model, history, _ = run(preset, rt, args.out, resume=args.resume,
+                                overwrite=args.overwrite, mesh=mesh,
+                                stop_at=args.stop_at)
+    except Interrupted as stop:
+        print(f"llmcore.train: {stop}", file=sys.stderr)
+        return 128 + stop.signum  # the shell's status for a process a signal ended
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
     last = history.eval_loss[-1] if history.eval_loss else float("nan")

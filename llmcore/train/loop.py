@@ -3,16 +3,25 @@
 The loop knows nothing about the model: it asks a ``batch_fn(step, generator)`` for
 batches and a ``loss_fn(model, batch)`` for a scalar loss (``default_loss`` takes
 it from ``model(x, y)``, which returns ``(logits, loss)``). Around that it does what
-every run needs: AdamW with decay and no-decay groups, warm-up + cosine, gradient
-accumulation weighted by tokens, clipping, mixed precision through ``torch.autocast``
-(with a ``GradScaler`` for fp16), optional ``torch.compile``, periodic evaluation,
-checkpoints that resume exactly, and a history.
+every run needs: AdamW with decay and no-decay groups (or the optimizer it is given),
+warm-up + cosine, gradient accumulation weighted by tokens, clipping, mixed precision
+through ``torch.autocast`` (with a ``GradScaler`` for fp16), optional
+``torch.compile``, periodic evaluation, checkpoints that resume exactly, and a history.
 
-A step never waits for the device: the loss, the gradient norm and a flag saying both
-are finite stay there, and the update of a step whose flag is down is skipped on the
-device (the fused AdamW's ``found_inf``, as a ``GradScaler`` uses it). They are read
-every ``log_interval`` steps, before every evaluation and checkpoint, and at the end;
-a non-finite step found there stops the run, and nothing is saved after it.
+The model may be a wrapper: PyTorch's DDP or FSDP, or the book's hand-written data
+parallel and ZeRO modules. The loop uses what such a wrapper offers through PyTorch's
+own conventions: ``no_sync()`` for the micro-batches before the last, and
+``clip_grad_norm_(max_norm)`` where the gradients are sharded.
+
+A step never waits for the device: the loss and the gradient norm stay there and are
+read every ``log_interval`` steps, before every evaluation and checkpoint, and at the
+end. A non-finite loss or gradient found there stops the run with
+``FloatingPointError``; no checkpoint is ever written after such a step, and the
+model is put back to the last checkpoint, which is finite.
+
+With a checkpoint path, SIGINT (Ctrl-C) and SIGTERM (a job scheduler, a Colab
+session ending) finish the current step, save, and raise :class:`Interrupted`; a
+second signal stops at once.
 
 Precision is applied from outside the model: fp32 weights, matmuls in the chosen format
 by autocast (Micikevicius et al., "Mixed Precision Training", 2018).
@@ -22,10 +31,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -34,17 +45,15 @@ from tqdm import tqdm
 
 import llmcore.train.checkpoint as whole_file
 import llmcore.train.sharded as sharded
-from llmcore.runtime import keep_freed_memory
+from llmcore.config import check_fields
 from llmcore.train.optim import any_dtensor, make_optimizer, make_scheduler
 from llmcore.train.resume import MAY_CHANGE, check_resume, schedule_restart
 from llmcore.train.step import (PRECISIONS, BatchFn, LossFn, clip_grad_norm,
                                 count_tokens, default_loss, evaluate, precision_context,
                                 to_device, valid_tokens)
 
-__all__ = ["PRECISIONS", "TrainConfig", "History", "train", "default_loss", "evaluate",
-           "precision_context"]
-INTS = ("max_steps", "grad_accum", "eval_steps", "warmup_steps", "eval_interval",
-        "ckpt_interval", "log_interval", "eval_seed")
+__all__ = ["PRECISIONS", "TrainConfig", "History", "Interrupted", "train",
+           "default_loss", "evaluate", "precision_context"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +62,7 @@ class TrainConfig:
 
     max_steps: int = 1000  # optimizer updates in the whole run (sets the schedule)
     lr: float = 1e-3  # peak learning rate, reached at the end of warm-up
-    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio (1: constant)
     warmup_steps: int = 100  # linear warm-up length in updates (0: none)
     weight_decay: float = 0.1  # AdamW decay of the matrices (not biases, norms)
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
@@ -69,33 +78,22 @@ class TrainConfig:
     progress: bool = True  # show a tqdm progress bar
 
     def __post_init__(self):
-        for name in INTS:  # 2.5 steps or NaN steps are mistakes, not sizes
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"TrainConfig.{name} must be an int, got {value!r}")
-        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", *self.betas):
-            value = getattr(self, name) if isinstance(name, str) else name
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, "
-                                 f"got {value!r}")
-        if min(self.max_steps, self.lr, self.grad_accum, self.eval_steps,
-               self.log_interval) <= 0:
-            raise ValueError("TrainConfig.max_steps, lr, grad_accum, eval_steps and "
-                             f"log_interval must be positive, got {self}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "eval_interval",
-                     "ckpt_interval", "min_lr_ratio"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, "
-                                 f"got {getattr(self, name)}")
+        check_fields(self, "max_steps", "grad_accum", "eval_steps", "log_interval",
+                     integer=True, above=0)
+        check_fields(self, "warmup_steps", "eval_interval", "ckpt_interval",
+                     "eval_seed", integer=True, minimum=0)
+        check_fields(self, "lr", above=0)
+        check_fields(self, "min_lr_ratio", "weight_decay", "grad_clip", minimum=0)
         if self.min_lr_ratio > 1:
-            raise ValueError(f"TrainConfig.min_lr_ratio must be <= 1, "
-                             f"got {self.min_lr_ratio}")
+            raise ValueError(f"TrainConfig.min_lr_ratio must be <= 1, got "
+                             f"{self.min_lr_ratio!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, "
                              f"got {self.precision!r}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if (len(self.betas) != 2 or not all(isinstance(b, (int, float))
+                                            and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), "
-                             f"got {self.betas}")
+                             f"got {self.betas!r}")
 
 
 @dataclass
@@ -128,16 +126,8 @@ class Pending:
         self.history, self.device, self.fp16, self.rows = history, device, fp16, []
 
     def add(self, step, loss, grad_norm, lr, tokens, seconds):
-        # fp16: a non-finite gradient is the GradScaler's business (skip, lower scale)
-        bad = ~torch.isfinite(loss) if self.fp16 else ~(
-            torch.isfinite(loss) & torch.isfinite(grad_norm))
-        self.rows.append((step, torch.stack([loss, grad_norm.float(), bad.float()]),
-                          lr, tokens, seconds))
-
-    def check_last(self) -> None:
-        """Read the last step's flag now (one sync) and raise if it is down."""
-        if self.rows and self.rows[-1][1][2].item():
-            self.read()
+        self.rows.append([step, torch.stack([loss, grad_norm.float()]), lr, tokens,
+                          seconds])
 
     def read(self) -> None:
         if not self.rows:
@@ -147,20 +137,19 @@ class Pending:
         wait = time.perf_counter() - t0
         rows, self.rows = self.rows, []
         if self.device.type == "cuda":  # steps were queued, not run: share the time
-            mean = (sum(r[4] for r in rows) + wait) / len(rows)
-            seconds = [mean] * len(rows)
+            seconds = [(sum(r[4] for r in rows) + wait) / len(rows)] * len(rows)
         else:
             seconds = [r[4] for r in rows]
             seconds[-1] += wait
         h = self.history
-        for (step, _, lr, tokens, _), (loss, norm, bad), dt in zip(rows, values,
-                                                                   seconds):
-            if bad:
+        for (step, _, lr, tokens, _), (loss, norm), dt in zip(rows, values, seconds):
+            # fp16: a non-finite gradient is the GradScaler's business (it skips the
+            # update and lowers the scale); a non-finite loss is not.
+            if not math.isfinite(loss) or not (self.fp16 or math.isfinite(norm)):
                 raise FloatingPointError(
                     f"the loss is {loss} and the gradient norm {norm} at step {step} "
-                    f"(lr {lr:.3g}); its update was skipped and the run stops, with no "
-                    "checkpoint after it. Lower the lr, check the data, or use bf16 "
-                    "instead of fp16.")
+                    f"(lr {lr:.3g}): the run stops. Lower the lr, check the data, or "
+                    "use bf16 instead of fp16.")
             h.step.append(step)
             h.loss.append(loss)
             h.lr.append(lr)
@@ -169,132 +158,195 @@ class Pending:
             h.seconds += dt
 
 
+class Interrupted(Exception):
+    """The run was stopped by a signal after saving its checkpoint."""
+
+    def __init__(self, signum: int, step: int, path: Any):
+        self.signum, self.step, self.path = signum, step, path
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         f"checkpoint saved to {path} (continue with resume)")
+
+
+@contextlib.contextmanager
+def stop_signals(enabled: bool):
+    """Within: SIGINT and SIGTERM set ``flag["signum"]`` instead of stopping the
+    process (a second one stops it at once); the old handlers are restored after."""
+    flag: dict[str, int | None] = {"signum": None}
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag["signum"] is not None:  # asked twice: stop now
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def stop_requested(flag: dict, collective: bool) -> int | None:
+    """The signal this process (or, collectively, any rank) received, or None."""
+    if not collective:
+        return flag["signum"]
+    got = torch.tensor([flag["signum"] or 0])
+    dist.all_reduce(got, op=dist.ReduceOp.MAX)  # every rank stops at the same step
+    return int(got) or None
+
+
 def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
           val_batch_fn: BatchFn | None = None, loss_fn: LossFn = default_loss,
           generator: torch.Generator | None = None,
+          optimizer: torch.optim.Optimizer | None = None,
           ckpt_path: str | Path | None = None, resume: bool = False,
-          stop_at: int | None = None, dp_group: Any = None,
-          meta: dict | None = None) -> History:
+          start_from: dict | None = None, stop_at: int | None = None,
+          dp_group: Any = None, meta: dict | None = None,
+          on_step: Callable[[int], None] | None = None) -> History:
     """Train ``model`` in place for ``cfg.max_steps`` updates; return the history.
 
     ``batch_fn(step, generator)`` returns one micro-batch (called ``grad_accum`` times
     per update); ``generator`` (default: seeded with 0) is the only randomness it should
-    use, so that it can be checkpointed. With ``ckpt_path`` a checkpoint is written
-    every ``cfg.ckpt_interval`` updates and at the end; ``resume=True`` continues from
-    it if it exists (see :mod:`llmcore.train.resume` for what may differ); a model of
-    DTensors saves it in shards. ``stop_at`` ends the run early after that many updates
-    (schedule unchanged). ``dp_group``: the data-parallel group over which the token
-    count weighting the gradients is summed. ``meta``: plain data stored in the
-    checkpoint (``extra["meta"]``). CPU runs keep freed memory (``keep_freed_memory``).
+    use, so that it can be checkpointed. ``optimizer``: used instead of AdamW; the
+    schedule multiplies its own learning rate. With ``ckpt_path`` a checkpoint is
+    written every ``cfg.ckpt_interval`` updates and at the end (before the final
+    evaluation, then again with it); ``resume=True`` continues from it if it exists,
+    ``start_from`` from a payload the caller has read already (see
+    :mod:`llmcore.train.resume` for what may differ); a model of DTensors saves in
+    shards. ``stop_at`` ends the run after that many updates (schedule unchanged).
+    ``dp_group``: the data-parallel group over which the token count weighting the
+    gradients is summed. ``meta``: plain data stored in the checkpoint.
+    ``on_step(updates_done)`` is called after every update.
     """
     device = next(model.parameters()).device
-    keep_freed_memory(device)
     ckpt = sharded if any_dtensor(model) else whole_file
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
-    saved, restart, start = None, None, 0
-    if resume and ckpt_path is not None and Path(ckpt_path).exists():
-        saved = ckpt.read_checkpoint(ckpt_path, map_location=device)
-        old = saved["extra"]["config"]
+    if optimizer is None:
+        optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, cfg.betas)
+    if start_from is None and resume and ckpt_path and Path(ckpt_path).exists():
+        start_from = ckpt.read_checkpoint(ckpt_path, map_location=device)
+    restart = None
+    if start_from is not None:
+        old = start_from["extra"]["config"]
         check_resume(old, asdict(cfg), MAY_CHANGE, source=str(ckpt_path),
                      hint="Train with the saved values, or start a fresh run.")
-        restart = schedule_restart(old, saved["extra"].get("restart"), cfg,
-                                   saved["step"])
+        restart = schedule_restart(old, start_from["extra"].get("restart"), cfg,
+                                   start_from["step"])
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps,
                                cfg.min_lr_ratio, restart)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    history = History()
-    if saved is not None:
-        ckpt.restore_checkpoint(saved, model, optimizer=optimizer, scheduler=scheduler,
-                                scaler=scaler, generator=generator, source=ckpt_path)
-        start = saved["step"]
-        history = History.from_dict(saved["extra"]["history"])
+    history, start = History(), 0
+    if start_from is not None:
+        ckpt.restore_checkpoint(start_from, model, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, generator=generator,
+                                source=ckpt_path)
+        start = start_from["step"]
+        history = History.from_dict(start_from["extra"]["history"])
     end = cfg.max_steps if stop_at is None else min(stop_at, cfg.max_steps)
     forward = torch.compile(model) if cfg.compile else model
-    # The fused AdamW skips an update on the device when found_inf is 1; fp16 leaves
-    # that to the GradScaler, other optimizers need the flag read before each step.
-    device_skip = (bool(optimizer.defaults.get("fused")) and cfg.precision != "fp16"
-                   and not any_dtensor(model))
+    # A wrapper whose gradients are sharded clips them itself (as FSDP does).
+    clip = getattr(model, "clip_grad_norm_", None) or (
+        lambda max_norm: clip_grad_norm(model.parameters(), max_norm))
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     world = dist.get_world_size(dp_group) if dp_group is not None else 1
     pending = Pending(history, device, cfg.precision == "fp16")
+    collective = dist.is_initialized() and dist.get_world_size() > 1
 
     def checkpoint(step: int) -> None:
         pending.read()  # raises before a non-finite step can be saved
         ckpt.save_checkpoint(ckpt_path, model, optimizer=optimizer, scheduler=scheduler,
-                        scaler=scaler, step=step, generator=generator,
-                        extra={"history": history.to_dict(), "config": asdict(cfg),
-                               "restart": restart, "meta": meta or {}})
+                             scaler=scaler, step=step, generator=generator,
+                             extra={"history": history.to_dict(), "config": asdict(cfg),
+                                    "restart": restart, "meta": meta or {}})
 
     def fetch(step: int) -> list:
         return [to_device(batch_fn(step, generator), device)
                 for _ in range(cfg.grad_accum)]
 
-    model.train()
-    bar = tqdm(range(start, end), initial=start, total=end, disable=not cfg.progress,
-               desc="train", dynamic_ncols=True)
-    batches = fetch(start) if start < end else []
-    for step in bar:
-        t0 = time.perf_counter()
-        done = step + 1
-        saving = ckpt_path is not None and cfg.ckpt_interval and (
-            done % cfg.ckpt_interval == 0)
+    def update(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer update from the micro-batches; (loss, grad norm) on device."""
         # Weight each micro-batch by its share of the step's valid targets, so that
         # masked batches of unequal counts add up to the mean over all their tokens.
         counts = [valid_tokens(b, device) for b in batches]
         local = torch.stack(counts).sum()
         total = local.clone()
-        if dp_group is not None:  # DDP/FSDP average over ranks: weigh by the global
+        if dp_group is not None:  # data-parallel ranks average: weigh by the global
             dist.all_reduce(total, group=dp_group)
         loss_sum = torch.zeros((), device=device)
-        tokens = sum(count_tokens(b) for b in batches)
         for micro, (batch, count) in enumerate(zip(batches, counts)):
-            last = micro == len(batches) - 1
-            # DistributedDataParallel syncs gradients on the last micro-step only.
-            sync = (contextlib.nullcontext() if last or not hasattr(model, "no_sync")
-                    else model.no_sync())
+            # A data-parallel wrapper syncs gradients on the last micro-step only.
+            sync = (model.no_sync() if micro < len(batches) - 1
+                    and hasattr(model, "no_sync") else contextlib.nullcontext())
             with sync:
                 with precision_context(cfg.precision, device.type):
                     loss = loss_fn(forward, batch).float()
-                weight = count * world / total
-                # A non-finite loss makes every gradient NaN, so the skip also holds
-                # where the gradient alone would have looked finite.
-                poison = torch.where(torch.isfinite(loss.detach()), 1.0, math.nan)
-                scaler.scale(loss * weight * poison).backward()
+                scaler.scale(loss * (count * world / total)).backward()
             loss_sum += loss.detach() * (count / local)  # this rank's token mean
-        # Fetch the next step's batches while the device works on this one; not past
-        # a checkpoint, so that the saved RNG states are those of the next step.
-        batches = fetch(done) if done < end and not saving else None
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-        grad_norm = clip_grad_norm(model.parameters(), max_norm)
-        lr = scheduler.get_last_lr()[0]
-        pending.add(step, loss_sum, grad_norm, lr, tokens, 0.0)
-        if device_skip:
-            optimizer.found_inf = pending.rows[-1][1][2]
-        elif cfg.precision != "fp16":
-            pending.check_last()  # this optimizer cannot skip on the device
-        scaler.step(optimizer)
+        grad_norm = clip(max_norm)
+        scaler.step(optimizer)  # fp16: skipped when a gradient is not finite
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        pending.rows[-1] = pending.rows[-1][:4] + (time.perf_counter() - t0,)
-        evaluating = val_batch_fn is not None and (
-            done == cfg.max_steps or (cfg.eval_interval
-                                      and done % cfg.eval_interval == 0))
-        if done % cfg.log_interval == 0 or evaluating or saving or done == end:
+        return loss_sum, grad_norm
+
+    model.train()
+    bar = tqdm(range(start, end), initial=start, total=end, disable=not cfg.progress,
+               desc="train", dynamic_ncols=True)
+    batches = fetch(start) if start < end else []
+    with stop_signals(ckpt_path is not None) as flag:
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                done = step + 1
+                saving = ckpt_path is not None and (done == end or (
+                    cfg.ckpt_interval and done % cfg.ckpt_interval == 0))
+                lr = scheduler.get_last_lr()[0]
+                tokens = sum(count_tokens(b) for b in batches)
+                loss, grad_norm = update(batches)
+                # Fetch the next batches while the device works on this step; not
+                # past a checkpoint, so that it saves the RNG state of the next step.
+                batches = fetch(done) if done < end and not saving else None
+                pending.add(step, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
+                if on_step is not None:
+                    on_step(done)
+                evaluating = val_batch_fn is not None and (
+                    done == cfg.max_steps or (cfg.eval_interval
+                                              and done % cfg.eval_interval == 0))
+                if done % cfg.log_interval == 0 or evaluating or saving:
+                    pending.read()
+                    bar.set_postfix(loss=f"{history.loss[-1]:.3f}", refresh=False)
+                if saving and (done == end or not evaluating):
+                    checkpoint(done)  # the last one before the final evaluation
+                if evaluating:
+                    history.eval_step.append(done)
+                    history.eval_loss.append(evaluate(
+                        model, val_batch_fn, cfg.eval_steps, loss_fn=loss_fn,
+                        precision=cfg.precision, device=device, seed=cfg.eval_seed))
+                    if saving:
+                        checkpoint(done)  # again, with the evaluation in its history
+                if ckpt_path is not None and (not collective or saving or
+                                              done % cfg.log_interval == 0):
+                    signum = stop_requested(flag, collective)
+                    if signum is not None and done < end:
+                        if not saving:
+                            checkpoint(done)
+                        raise Interrupted(signum, done, ckpt_path)
+                if batches is None and done < end:
+                    batches = fetch(done)
             pending.read()
-            bar.set_postfix(loss=f"{history.loss[-1]:.3f}", refresh=False)
-        if evaluating:
-            history.eval_step.append(done)
-            history.eval_loss.append(evaluate(
-                model, val_batch_fn, cfg.eval_steps, loss_fn=loss_fn,
-                precision=cfg.precision, device=device, seed=cfg.eval_seed))
-        if saving:
-            checkpoint(done)
-        if batches is None and done < end:
-            batches = fetch(done)
-    bar.close()
-    pending.read()
-    if ckpt_path is not None and end > start:
-        checkpoint(end)
+        except FloatingPointError as err:
+            if ckpt_path is not None and Path(ckpt_path).exists():
+                good = ckpt.read_checkpoint(ckpt_path, map_location=device)
+                ckpt.restore_checkpoint(good, model, restore_rng=False,
+                                        source=ckpt_path)
+                raise FloatingPointError(f"{err} The model holds the weights of the "
+                                         f"last good checkpoint, step {good['step']}, "
+                                         f"in {ckpt_path}.") from None
+            raise
+        finally:
+            bar.close()
     return history

@@ -1,10 +1,10 @@
 """Named training runs: a GPT preset on a corpus, trained by ``llmcore.train.train``.
 
 The run is built in three steps: the data (:func:`build_data`), the model
-(:func:`build_model`), then :func:`prepare_model`, which moves the model to its device
-or, with ``parallel`` set (under ``torchrun``), wraps it in one of PyTorch's engines
-(DDP, FSDP2, DTensor tensor parallel; see ``llmcore.parallel.native``). The command
-line is ``python -m llmcore.train`` (``llmcore/train/__main__.py``).
+(:func:`build_model`), then its place: one device, or, with ``mesh=(dp, tp)`` under
+``torchrun``, a device mesh (:func:`prepare_mesh`: tensor parallel inside a row, FSDP2
+across the rows; see ``llmcore.parallel.native``). The command line is
+``python -m llmcore.train`` (``llmcore/train/__main__.py``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                     get_model_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 
 import llmcore.train.sharded as sharded
-from llmcore.config import Tiered
+from llmcore.accounting import count_params
+from llmcore.config import Tiered, override
 from llmcore.data import get_batch, load_corpus, split_tokens
 from llmcore.generate import generate
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel.native import (apply_parallel, full_state, init_distributed,
-                                     parallelize_gpt)
+from llmcore.parallel.native import full_state, init_distributed, parallelize_gpt
 from llmcore.parallel.rng import rank_seed
 from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import CharTokenizer
@@ -37,8 +35,6 @@ from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
 from llmcore.train.outdir import SHARDS, claim_out
 from llmcore.train.resume import MAY_CHANGE, check_resume
-
-PARALLEL = ("none", "ddp", "fsdp", "tp")
 
 
 @dataclass(frozen=True)
@@ -97,22 +93,6 @@ def build_model(preset: RunPreset, vocab_size: int) -> GPT:
                          preset.n_embd, dropout=preset.dropout))
 
 
-def prepare_model(model: torch.nn.Module, rt: Runtime, parallel: str = "none"):
-    """``(model, info)``: the model on its device, wrapped for ``parallel``.
-
-    ``info`` is None for a single process, else the ``DistInfo`` of this rank.
-    """
-    if parallel not in PARALLEL:
-        raise ValueError(f"parallel must be one of {PARALLEL}, got {parallel!r}")
-    if parallel == "none":
-        return model.to(rt.device), None
-    info = init_distributed()
-    if info.world_size < 2:
-        raise ValueError(f"parallel={parallel!r} needs several processes; start the "
-                         "run with `torchrun --nproc_per_node N -m llmcore.train ...`")
-    return apply_parallel(model, parallel, info.device), info
-
-
 def prepare_mesh(model: torch.nn.Module, dp: int, tp: int,
                  param_dtype: torch.dtype | None = None):
     """``(model, info, mesh)``: the model on a (dp, tp) device mesh of all ranks
@@ -142,47 +122,36 @@ def batch_fns(data: RunData, preset: RunPreset):
 
 
 def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
-        resume: bool = False, parallel: str = "none", overwrite: bool = False,
+        resume: bool = False, overwrite: bool = False,
         mesh: tuple[int, int] | None = None,
         stop_at: int | None = None) -> tuple[GPT, History, RunData]:
     """Train ``preset``; with ``out``, write checkpoint, tokenizer and metrics there.
 
     ``out`` is checked and locked before training (see :mod:`llmcore.train.outdir`):
     a folder holding a run needs ``resume`` or ``overwrite``. On ``resume`` the
-    request is compared with the saved run (:mod:`llmcore.train.resume`): a change of
-    what a step computes is refused, a new ``max_steps`` is applied and reported.
-    With ``parallel`` (ddp, fsdp or tp, under torchrun) every rank builds the same
-    model from the same seed; data-parallel ranks (ddp, fsdp) draw different batches,
-    tensor-parallel ranks the same ones. Such a run writes one whole-model checkpoint
-    at the end that cannot be resumed. With ``mesh=(dp, tp)`` instead the model lives
-    on a device mesh and checkpoints in shards (``OUT/ckpt.dcp``), which ``resume``
-    continues on any (dp, tp) layout; it also writes the whole model at the end. Its
-    batches depend on the seed and the step only (``sharded.global_batches``), so a
-    resume on the same mesh is exact. Only rank 0 writes the files other than the
-    shards. ``stop_at``: end after that many steps, the schedule unchanged (the run
+    checkpoint is read once and the request compared with the saved run
+    (:mod:`llmcore.train.resume`): a change of what a step computes is refused, a new
+    ``max_steps`` is applied and reported. With ``mesh=(dp, tp)`` (under torchrun)
+    the model lives on a device mesh and checkpoints in shards (``OUT/ckpt.dcp``),
+    which ``resume`` continues on any (dp, tp) layout; at the end rank 0 also writes
+    the whole model (``OUT/ckpt.pt``, final weights only). Its batches depend on the
+    seed and the step only (``sharded.global_batches``), so a resume on the same mesh
+    is exact. ``stop_at``: end after that many steps, the schedule unchanged (the run
     goes on with ``resume``).
     """
-    if mesh is not None and parallel != "none":
-        raise ValueError("--dp/--tp and --parallel exclude each other: --parallel "
-                         "ddp is --dp N, fsdp is --dp N, tp is --tp N")
-    if parallel != "none" and resume:
-        raise ValueError("--resume works for single-process and --dp/--tp runs only; "
-                         "a --parallel run starts from scratch (use --overwrite)")
     if resume and mesh and out is not None and (Path(out) / "ckpt.pt").exists() and \
             not (Path(out) / SHARDS).exists():  # before any process group or model
         refuse_unsharded(out)
     data = build_data(preset)
     model = build_model(preset, data.tokenizer.vocab_size)
-    dp_group, dp_rank = None, 0
+    info, dp_group, dp_rank = None, None, 0
     if mesh is not None:
         bf16 = torch.bfloat16 if preset.train.precision == "bf16" else None
         model, info, device_mesh = prepare_mesh(model, *mesh, param_dtype=bf16)
         dp_rank = device_mesh["dp"].get_local_rank()
         dp_group = device_mesh["dp"].get_group() if mesh[0] > 1 else None
     else:
-        model, info = prepare_model(model, rt, parallel)
-        dp_rank = info.rank if info and parallel != "tp" else 0
-        dp_group = dist.group.WORLD if parallel in ("ddp", "fsdp") else None
+        model = model.to(rt.device)
     writes = out is not None and (info is None or info.is_main)
     claim = (claim_out(out, resume=resume, overwrite=overwrite) if writes
              else contextlib.nullcontext())
@@ -190,14 +159,19 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
         if info is not None:
             dist.barrier()  # rank 0 has checked and cleared OUT
         meta = {"preset": asdict(preset), "seed": rt.seed,
-                "parallel": "mesh" if mesh else parallel, "resumes": []}
+                "parallel": "mesh" if mesh else "none", "resumes": []}
         if mesh:
             meta["mesh"] = {"dp": mesh[0], "tp": mesh[1]}
-        ckpt = None
-        if out is not None and (info is None or mesh):
-            ckpt = Path(out) / (SHARDS if mesh else "ckpt.pt")
+        ckpt = None if out is None else Path(out) / (SHARDS if mesh else "ckpt.pt")
+        saved = None
         if resume and ckpt is not None and ckpt.exists():
-            meta["resumes"] = check_saved_run(ckpt, meta, writes)
+            saved = (sharded.read_checkpoint(ckpt) if mesh
+                     else read_checkpoint(ckpt, map_location=rt.device))
+            meta["resumes"] = check_saved_run(saved, ckpt, meta, writes)
+            # a resumed run keeps its own warm-up, whatever --steps says
+            warmup = saved["extra"]["config"]["warmup_steps"]
+            preset = override(preset, train=override(preset.train,
+                                                     warmup_steps=warmup))
         train_fn, val_fn = batch_fns(data, preset)
         generator = torch.Generator().manual_seed(rank_seed(rt.seed, dp_rank))
         if mesh:
@@ -205,11 +179,10 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
                 lambda g: get_batch(data.train, preset.batch_size * mesh[0],
                                     preset.block_size, g), rt.seed, dp_rank, mesh[0])
         history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
-                        generator=generator, ckpt_path=ckpt, resume=resume,
+                        generator=generator, ckpt_path=ckpt, start_from=saved,
                         dp_group=dp_group, meta=meta, stop_at=stop_at)
         if info is not None:
-            model = gather_model(model, preset, data.tokenizer.vocab_size, info,
-                                 mesh is not None)
+            model = gather_model(model, preset, data.tokenizer.vocab_size, info)
         if writes and model is not None:
             if info is not None:
                 save_checkpoint(Path(out) / "ckpt.pt", model, step=len(history.loss),
@@ -225,21 +198,19 @@ def refuse_unsharded(out) -> None:
         "--dp/--tp. Resume it as it was started, or start a new run with --overwrite.")
 
 
-def check_saved_run(ckpt: Path, meta: dict, verbose: bool = True) -> list[dict]:
-    """Compare the run in ``ckpt`` with the requested ``meta``; return the list of
-    resumes, this one added, or raise listing what may not change."""
-    payload = (sharded.read_checkpoint(ckpt) if ckpt.is_dir()
-               else read_checkpoint(ckpt))
+def check_saved_run(payload: dict, ckpt: Path, meta: dict,
+                    verbose: bool = True) -> list[dict]:
+    """Compare the run saved in ``payload`` (read from ``ckpt``) with the requested
+    ``meta``; return the list of resumes, this one added, or raise listing what may
+    not change."""
     saved = payload["extra"].get("meta", {})
     if not ckpt.is_dir() and saved.get("parallel") == "mesh":
         raise ValueError(f"{ckpt} holds the final weights of a --dp/--tp run; resume "
                          "it with --dp/--tp under torchrun (from its ckpt.dcp)")
-    if not ckpt.is_dir() and (saved.get("parallel", "none") != "none"
-                              or payload["optimizer"] is None):
-        raise ValueError(
-            f"{ckpt} was written by a --parallel {saved.get('parallel', '?')} run: it "
-            "holds the final weights only, no optimizer state, so it cannot be "
-            "resumed. Start a new run with --overwrite (or another --out).")
+    if not ckpt.is_dir() and payload["optimizer"] is None:
+        raise ValueError(f"{ckpt} holds final weights only, no optimizer state, so it "
+                         "cannot be resumed. Start a new run with --overwrite (or "
+                         "another --out).")
     requested = {k: meta[k] for k in ("preset", "seed", "parallel")}
     changes = check_resume(
         {k: saved.get(k) for k in requested}, requested, MAY_CHANGE, source=str(ckpt),
@@ -254,15 +225,10 @@ def check_saved_run(ckpt: Path, meta: dict, verbose: bool = True) -> list[dict]:
     return list(saved.get("resumes", [])) + [here]
 
 
-def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, info,
-                 on_mesh: bool = False):
-    """A plain single-device GPT with the parallel model's full weights, on rank 0
-    (None elsewhere); ends the process group. Every rank must call it."""
-    if on_mesh:  # q, k, v are held apart on a mesh: full_state fuses them back
-        full = {k: v.cpu() for k, v in full_state(model).items()}
-    else:
-        full = get_model_state_dict(model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True))
+def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, info):
+    """A plain single-device GPT with the mesh model's full weights, on rank 0 (None
+    elsewhere); ends the process group. Every rank must call it."""
+    full = {k: v.cpu() for k, v in full_state(model).items()}  # q, k, v fused back
     plain = None
     if info.is_main:
         plain = build_model(preset, vocab_size)
@@ -285,7 +251,7 @@ def write_outputs(out: Path, preset: RunPreset, rt: Runtime, model: GPT,
                       generator=torch.Generator(rt.device).manual_seed(rt.seed))
     metrics = {
         "preset": asdict(preset), "tier": rt.tier, "device": device_name(rt.device),
-        "torch": torch.__version__, "params": model.num_params(),
+        "torch": torch.__version__, "params": count_params(model),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
         "history": history.to_dict(),

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from llmcore.config import IGNORE_INDEX
-from llmcore.nn import gemm
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 Batch = Any
@@ -82,8 +81,7 @@ def valid_tokens(batch: Batch, device: torch.device) -> torch.Tensor:
 
 @contextlib.contextmanager
 def precision_context(precision: str, device_type: str):
-    """Autocast for bf16/fp16; TF32 matmuls for tf32; for fp32 on the CPU, linear
-    layers on the library of :func:`llmcore.nn.gemm.cpu_gemm` (oneDNN by default)."""
+    """Autocast for bf16/fp16; TF32 matmuls for tf32; nothing for fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision in ("bf16", "fp16"):
@@ -97,32 +95,37 @@ def precision_context(precision: str, device_type: str):
             yield
         finally:
             torch.set_float32_matmul_precision(before)
-    elif device_type == "cpu":
-        with gemm.cpu_gemm():
-            yield
     else:
         yield
 
 
+@torch.no_grad()
 def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
-    """``nn.utils.clip_grad_norm_``, also for tensor-parallel models that mix DTensor
-    and plain parameters (PyTorch's foreach kernels refuse the mix). Returns the norm
-    before clipping as a device tensor, without reading it."""
+    """Scale the gradients so that their global 2-norm is at most ``max_norm``
+    (``math.inf``: measure only); return the norm before clipping, on the device,
+    unread.
+
+    ``nn.utils.clip_grad_norm_`` for plain tensors; for a model whose gradients live
+    on several meshes (tensor parallel, FSDP2, both) each gradient's norm is first
+    reduced over its own mesh, then the squares are summed (PyTorch's foreach
+    kernels refuse such a mix).
+    """
+    from torch.distributed.tensor import DTensor  # slow to import: only when used
+
     params = [p for p in parameters if p.grad is not None]
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        DTensor = ()  # noqa: N806
-    if not any(isinstance(p.grad, DTensor) for p in params):
-        if math.isinf(max_norm):  # no clipping: the norm only
-            return nn.utils.get_total_norm([p.grad for p in params])
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.zeros(())
+    if not any(isinstance(g, DTensor) for g in grads):
+        if math.isinf(max_norm):
+            return nn.utils.get_total_norm(grads)
         return nn.utils.clip_grad_norm_(params, max_norm)
-    norms = [torch.linalg.vector_norm(p.grad) for p in params]
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in grads]
     norms = [n.full_tensor() if isinstance(n, DTensor) else n for n in norms]
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.stack([n.to(norms[0].device) ** 2 for n in norms]).sum().sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # 1: nothing to clip
-    for p in params:
-        p.grad.mul_(coef.to(p.grad.device))
+    for g in grads:
+        g.mul_(coef.to(g.device, g.dtype))
     return total
 
 

@@ -1,0 +1,214 @@
+"""Training speed: tokens/s, step time, peak memory and MFU, and the ladder of
+optimisations that gets there.
+
+``python -m tools.bench speed`` measures, on the current device, the training step of
+the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), one rung
+of the ladder at a time, each rung adding one thing to the one before: fp32 -> TF32
+matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` -> FP8
+linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded as
+skipped, with the reason. The peak is measured first, a large matmul on the same
+device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results go to
+``results/speed-<tier>.json`` with the hardware, the date and the torch version.
+
+``--compare-nanogpt PATH`` runs nanoGPT and llmcore side by side on the same CPU
+model (:mod:`tools.bench.nanogpt`). ``--realtime`` (root or CAP_SYS_NICE) runs it
+all under round-robin real-time scheduling, so that other programs on a shared machine
+do not take the cores; ``--compile`` compiles llmcore's side of the comparison
+(nanoGPT's CPU recipe is eager).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from llmcore.accounting import count_params, flops_per_token, measure_peak_flops, mfu
+from llmcore.config import Tiered
+from llmcore.io import atomic_write
+from llmcore.models.gpt import GPT, GPTConfig
+from llmcore.precision.fp8 import convert_to_float8, size_filter
+from llmcore.runtime import device_caps, device_name, setup
+from llmcore.train import TrainConfig, train
+from tools.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
+from tools.bench.parallel import realtime
+from tools.bench.profile import profiled
+from tools.bench.results import slug
+
+
+@dataclass(frozen=True)
+class Rung:
+    """One step of the ladder: what the run uses at this rung."""
+
+    name: str
+    precision: str  # TrainConfig.precision
+    sdpa: bool  # PyTorch's fused attention kernel instead of the hand-written one
+    compile: bool = False
+    fp8: bool = False  # the large linears in FP8 (llmcore.precision.fp8)
+
+
+LADDER = (Rung("fp32", "fp32", sdpa=False), Rung("tf32", "tf32", sdpa=False),
+          Rung("bf16", "bf16", sdpa=False), Rung("fused kernels", "bf16", sdpa=True),
+          Rung("compile", "bf16", sdpa=True, compile=True),
+          Rung("fp8", "bf16", sdpa=True, compile=True, fp8=True))
+
+
+@dataclass(frozen=True)
+class SpeedPreset:
+    model: GPTConfig
+    batch_size: int
+    steps: int  # timed steps per rung
+    warmup: int  # untimed steps first (the compiled rung compiles in them)
+
+
+PRESETS = Tiered(
+    # The CPU-tier char model of chapter 8; GPT-2 small (124M) at 12 x 1024 tokens.
+    cpu=SpeedPreset(GPTConfig(65, 64, 4, 4, 128), batch_size=12, steps=20, warmup=5),
+    gpu=SpeedPreset(GPTConfig(50304, 1024, 12, 12, 768), batch_size=12, steps=30,
+                    warmup=10),
+)
+# A 1.3B GPT (24 layers, width 2048): where FP8 matmuls are large enough to pay.
+BIG = SpeedPreset(GPTConfig(50304, 1024, 24, 16, 2048), batch_size=8, steps=20,
+                  warmup=10)
+
+
+def cpu_model() -> str:
+    """The processor's name and core count, e.g. 'AMD EPYC 7B13, 2 cores'."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def skip_reason(rung: Rung, device: torch.device) -> str | None:
+    """Why ``rung`` cannot run on ``device``, or None."""
+    caps = device_caps(device)
+    if rung.precision == "tf32" and not caps.bf16_tensor_cores:
+        return "TF32 matmuls need an NVIDIA GPU of sm80 or later"
+    if rung.fp8 and not caps.fp8_tensor_cores:
+        return "FP8 matmuls need an NVIDIA GPU of sm89 or later (elsewhere: emulated)"
+    return None
+
+
+def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
+            peak: float) -> dict:
+    """Train ``preset`` at ``rung`` on random tokens; tokens/s, step time, memory, MFU.
+
+    The loop reads the device every ``warmup`` steps, so on a GPU each timed window of
+    ``warmup`` steps is measured as a whole; the median over the windows is reported.
+    """
+    torch.manual_seed(0)
+    model = GPT(replace(preset.model, use_sdpa=rung.sdpa)).to(device)
+    if rung.fp8:
+        convert_to_float8(model, size_filter(), quiet=True)
+    c, b = model.config, preset.batch_size
+
+    def batch_fn(step, generator):
+        x = torch.randint(c.vocab_size, (b, c.block_size + 1), generator=generator)
+        return x[:, :-1], x[:, 1:]
+
+    cfg = TrainConfig(max_steps=preset.warmup + preset.steps, warmup_steps=0,
+                      precision=rung.precision, compile=rung.compile,
+                      log_interval=preset.warmup, progress=False)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    history = train(model, batch_fn, cfg)
+    tps = statistics.median(history.tokens_per_s[preset.warmup:])
+    fpt = flops_per_token(model.config)
+    return {"rung": rung.name, **asdict(rung), "tokens_per_s": tps,
+            "step_ms": 1e3 * b * c.block_size / tps,
+            "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
+                                  if device.type == "cuda" else None),
+            "mfu": mfu(tps, fpt, peak), "params": count_params(model)}
+
+
+def ladder(preset: SpeedPreset, device: torch.device, peak: float) -> list[dict]:
+    rows = []
+    for rung in LADDER:
+        reason = skip_reason(rung, device)
+        if reason is None:
+            rows.append(measure(preset, rung, device, peak))
+            print(f"  {rung.name:14s} {rows[-1]['tokens_per_s']:>12,.0f} tokens/s  "
+                  f"{rows[-1]['step_ms']:8.1f} ms/step  MFU {rows[-1]['mfu']:.1%}")
+        else:
+            rows.append({"rung": rung.name, **asdict(rung), "skipped": reason})
+            print(f"  {rung.name:14s} skipped: {reason}")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tools.bench speed",
+                                description="Training speed and the ladder.")
+    p.add_argument("--out", default="results", help="folder for the JSON result")
+    p.add_argument("--no-ladder", action="store_true", help="skip the ladder")
+    p.add_argument("--compare-nanogpt", metavar="PATH", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=9, help="nanoGPT comparison rounds")
+    p.add_argument("--steps", type=int, default=60, help="steps per round")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads per process")
+    p.add_argument("--realtime", action="store_true",
+                   help="run the comparison under round-robin real-time scheduling")
+    p.add_argument("--compile", action="store_true",
+                   help="compile llmcore's side of the comparison")
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker is not None:  # one llmcore round of the comparison
+        torch.set_num_threads(args.threads)
+        steps, compile = args.worker, args.compile
+        print(json.dumps(profiled(lambda tick: char_run(steps, compile, tick), SETTLE,
+                                  steps)
+                         if args.profile else llmcore_step_ms(steps, compile)))
+        return 0
+    policy = realtime() if args.realtime else "normal"  # the ladder too
+    rt = setup(seed=0)
+    cuda = rt.device.type == "cuda"
+    name = slug(device_name(rt.device)) if cuda else "cpu"
+    path = Path(args.out) / f"speed-{name}.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.update({
+        "benchmark": "speed", "tier": rt.tier, "device": device_name(rt.device),
+        "hardware": rt.caps.describe() if cuda else cpu_model(),
+        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+        "capability": rt.caps.capability, "load_average": os.getloadavg()[0],
+        "scheduling": policy,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds")})
+    if cuda:
+        result["gpu"] = device_name(rt.device)
+    if not args.no_ladder:
+        preset = rt.pick(PRESETS)
+        precision = "bf16" if rt.device.type == "cuda" else "fp32"
+        peak = measure_peak_flops(rt.device, precision)
+        print(f"measured {precision} matmul peak: {peak / 1e12:.3f} TFLOP/s")
+        result.update(peak_flops=peak, peak_precision=precision,
+                      model=asdict(preset.model), batch_size=preset.batch_size,
+                      ladder=ladder(preset, rt.device, peak))
+        if rt.device.type == "cuda":
+            print("1.3B GPT, bf16 vs FP8 (both compiled):")
+            result["big"] = {"model": asdict(BIG.model), "batch_size": BIG.batch_size,
+                             "rows": [measure(BIG, r, rt.device, peak)
+                                      for r in LADDER[-2:]
+                                      if skip_reason(r, rt.device) is None]}
+    if args.compare_nanogpt is not None:
+        key = "nanogpt_vs_compiled" if args.compile else "nanogpt"
+        result[key] = compare_nanogpt(args.compare_nanogpt, args.rounds, args.steps,
+                                      args.threads, args.compile, policy)
+        cmp = result[key]
+        print(f"llmcore/nanoGPT tokens/s: median {cmp['ratio_median']:.2f}, range "
+              f"{cmp['ratio_range'][0]:.2f}-{cmp['ratio_range'][1]:.2f}")
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(f"-> {path}")
+    return 0
