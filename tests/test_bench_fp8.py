@@ -31,7 +31,6 @@ def test_gpu_run_is_the_1_3b_comparison():
     assert 1.2e9 < count_params(model) < 1.5e9
     keep = size_filter()
     assert keep(torch.nn.Linear(spec.n_embd, 3 * spec.n_embd), "blocks.0.qkv_proj")
-    assert bench.parse_args([]).steps is None and bench.LOSS_TOLERANCE == 0.01
 
 
 def test_gpu_slug():
@@ -72,7 +71,6 @@ def test_dry_run_writes_json(tmp_path, capsys):
     (e2e,) = d["e2e"]
     assert e2e["bf16"]["params"] == e2e["fp8"]["params"] > 0
     assert len(e2e["fp8"]["loss"]) == 2 and e2e["compiled"] is False
-    assert e2e["loss_within_tolerance"] == (abs(e2e["loss_rel_diff"]) <= 0.01)
     # Same data and seed: FP8 starts from the same loss as bf16, within FP8 error.
     assert abs(e2e["fp8"]["loss"][0] / e2e["bf16"]["loss"][0] - 1) < 0.01
     assert "Float8Linear" in capsys.readouterr().out
