@@ -39,6 +39,9 @@ class GPTConfig:
     bias: bool = False  # biases in linear layers and LayerNorms (GPT-2 had them;
     # without them each layer does a little less work per step)
     use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (the
+    # tanh approximation GPT-2's released weights were trained with)
+    norm_eps: float = 1e-5  # the LayerNorms' epsilon (GPT-2's layer_norm_epsilon)
 
     def __post_init__(self):
         check_fields(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -49,6 +52,10 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got "
                              f"{self.dropout}")
+        if self.activation not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"{type(self).__name__}.activation={self.activation!r}; "
+                             "use 'gelu' or 'gelu_tanh'")
+        check_fields(self, "norm_eps", above=0)
 
 
 class GPT(nn.Module):
@@ -65,9 +72,10 @@ class GPT(nn.Module):
         self.pos_emb = LearnedPositionalEmbedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            GPTBlock(c.n_embd, c.n_head, c.dropout, c.bias, c.use_sdpa)
+            GPTBlock(c.n_embd, c.n_head, c.dropout, c.bias, c.use_sdpa,
+                     eps=c.norm_eps, activation=c.activation)
             for _ in range(c.n_layer))
-        self.ln_f = make_norm("layernorm", c.n_embd, bias=c.bias)
+        self.ln_f = make_norm("layernorm", c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix
         self.apply(self._init_weights)
