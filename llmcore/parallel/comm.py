@@ -27,11 +27,12 @@ def wire_bytes(op: str, payload: float, world_size: int) -> float:
 
     ``payload`` is the full tensor for all_reduce, the full (unscattered) input for
     reduce_scatter, the full (gathered) output for all_gather, the message for
-    broadcast/send.
+    broadcast/send, the whole input for all_to_all (the rank keeps 1/n of it).
     """
     n = world_size
     factors = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
-               "all_gather": (n - 1) / n, "broadcast": 1.0, "send": 1.0}
+               "all_gather": (n - 1) / n, "broadcast": 1.0, "send": 1.0,
+               "all_to_all": (n - 1) / n}
     if op not in factors:
         raise ValueError(f"op must be one of {sorted(factors)}, got {op!r}")
     return factors[op] * payload
@@ -85,6 +86,11 @@ class Comm:
         """``out`` (N * numel) receives every rank's ``inp``, in rank order."""
         self.stats.record("all_gather", nbytes(out))
         return dist.all_gather_single(out, inp, group=self.group, async_op=async_op)
+
+    def all_to_all(self, out, inp):
+        """Chunk j of ``inp`` goes to rank j; chunk j of ``out`` comes from rank j."""
+        self.stats.record("all_to_all", nbytes(inp))
+        return dist.all_to_all_single(out, inp, group=self.group)
 
     def broadcast(self, t, src: int = 0, async_op=False):
         self.stats.record("broadcast", nbytes(t))
