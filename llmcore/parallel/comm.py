@@ -1,9 +1,10 @@
 """Collectives that count their bytes, and the plain all-reduce communication hook.
 
 Every parallel scheme in the book is a pattern of a few collectives: all-reduce,
-reduce-scatter, all-gather, broadcast, point-to-point send/recv. :class:`Comm` wraps
-them for one process group and records, per operation, how many calls were made and
-how many bytes this rank handed in (the *payload*). The cost model
+reduce-scatter, all-gather, all-to-all, broadcast, point-to-point send/recv.
+:class:`Comm` wraps them for one process group and records, per operation, how many
+calls were made and how many bytes this rank handed in (the *payload*); with
+``trace=True`` also the order of the calls. The cost model
 (``llmcore.parallel.costmodel``) predicts the same numbers, so tests compare the two.
 
 On a ring of N ranks an all-reduce of P bytes moves 2(N-1)/N * P bytes out of every
@@ -40,14 +41,18 @@ def wire_bytes(op: str, payload: float, world_size: int) -> float:
 
 @dataclass
 class CommStats:
-    """Calls and payload bytes per collective, as seen by one rank."""
+    """Calls and payload bytes per collective, as seen by one rank; ``trace`` (a
+    list, or None to keep none) gets ``(op, bytes)`` of every call in order."""
 
     calls: dict = field(default_factory=lambda: defaultdict(int))
     payload: dict = field(default_factory=lambda: defaultdict(int))
+    trace: list | None = None
 
     def record(self, op: str, nbytes_: int) -> None:
         self.calls[op] += 1
         self.payload[op] += nbytes_
+        if self.trace is not None:
+            self.trace.append((op, nbytes_))
 
     def wire(self, world_size: int) -> float:
         """Bytes this rank sent in total, assuming ring algorithms."""
@@ -56,16 +61,19 @@ class CommStats:
     def reset(self) -> None:
         self.calls.clear()
         self.payload.clear()
+        if self.trace is not None:
+            self.trace.clear()
 
 
 class Comm:
-    """The collectives of one process group, counting the bytes each one carries."""
+    """The collectives of one process group, counting the bytes each one carries
+    (``trace=True``: also their order, in ``stats.trace``)."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
+    def __init__(self, group: dist.ProcessGroup | None = None, trace: bool = False):
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        self.stats = CommStats()
+        self.stats = CommStats(trace=[] if trace else None)
 
     def global_rank(self, group_rank: int) -> int:
         if self.group is None:
@@ -104,6 +112,16 @@ class Comm:
     def recv(self, t, src: int):
         dist.recv(t, src=self.global_rank(src), group=self.group)
         return t
+
+    def send_recv(self, t, dst: int, buf, src: int) -> None:
+        """Send ``t`` to ``dst`` while receiving ``buf`` from ``src``: posted together,
+        so that a ring of ranks each sending to the next cannot deadlock."""
+        self.stats.record("send", nbytes(t))
+        ops = [dist.P2POp(dist.isend, t.contiguous(), self.global_rank(dst),
+                          self.group),
+               dist.P2POp(dist.irecv, buf, self.global_rank(src), self.group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
 
 
 class HookState:
