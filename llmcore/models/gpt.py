@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from llmcore.config import check_fields
 from llmcore.nn import GPTBlock, KVCache, LearnedPositionalEmbedding, make_norm
 from llmcore.nn.loss import lm_loss
+from llmcore.nn.moe import MoE, MoEConfig
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,8 @@ class GPTConfig:
     activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (the
     # tanh approximation GPT-2's released weights were trained with)
     norm_eps: float = 1e-5  # the LayerNorms' epsilon (GPT-2's layer_norm_epsilon)
+    moe: MoEConfig | None = None  # every block's MLP a mixture of experts
+    # (llmcore.nn.moe); None: the dense MLP
 
     def __post_init__(self):
         check_fields(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -56,6 +59,9 @@ class GPTConfig:
             raise ValueError(f"{type(self).__name__}.activation={self.activation!r}; "
                              "use 'gelu' or 'gelu_tanh'")
         check_fields(self, "norm_eps", above=0)
+        if self.moe is not None and not isinstance(self.moe, MoEConfig):
+            raise ValueError(f"{type(self).__name__}.moe must be an "
+                             f"llmcore.nn.moe.MoEConfig or None, got {self.moe!r}")
 
 
 class GPT(nn.Module):
@@ -75,6 +81,9 @@ class GPT(nn.Module):
             GPTBlock(c.n_embd, c.n_head, c.dropout, c.bias, c.use_sdpa,
                      eps=c.norm_eps, activation=c.activation)
             for _ in range(c.n_layer))
+        if c.moe is not None:  # the experts take the MLP's place, same activation
+            for block in self.blocks:
+                block.ffn = MoE(c.n_embd, c.moe, c.bias, block.ffn.activation)
         self.ln_f = make_norm("layernorm", c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix
@@ -82,7 +91,9 @@ class GPT(nn.Module):
         residual_std = 0.02 / math.sqrt(2 * c.n_layer)
         for block in self.blocks:
             nn.init.normal_(block.self_attn.out_proj.weight, 0.0, residual_std)
-            nn.init.normal_(block.ffn.linear2.weight, 0.0, residual_std)
+            for name, p in block.ffn.named_parameters():  # each expert's too
+                if name.endswith("linear2.weight"):
+                    nn.init.normal_(p, 0.0, residual_std)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -125,10 +136,17 @@ class GPT(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 kv_caches: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
         """Logits for every position of ``idx`` (B, T), and the mean cross-entropy
-        against ``targets`` (B, T) if given (-100 marks a position to ignore)."""
+        against ``targets`` (B, T) if given (-100 marks a position to ignore).
+
+        With ``config.moe``, in training mode, the loss also holds the routers'
+        load-balancing losses, summed over blocks and weighted by ``aux_loss_coef``
+        (evaluation reports the cross-entropy alone)."""
         if targets is not None and targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {tuple(idx.shape)}, "
                              f"got {tuple(targets.shape)}")
         logits = self.lm_head(self.hidden(idx, kv_caches))  # (B, T, V)
         loss = lm_loss(logits, targets) if targets is not None else None
+        if loss is not None and self.training and self.config.moe is not None:
+            aux = sum(block.ffn.aux_loss for block in self.blocks)
+            loss = loss + self.config.moe.aux_loss_coef * aux
         return logits, loss
