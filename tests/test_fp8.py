@@ -11,7 +11,7 @@ from llmcore.nn import MultiHeadAttention
 from llmcore.precision import fp8
 from llmcore.precision.formats import E4M3, E5M2, round_to_format
 from llmcore.precision.fp8 import (AmaxHistory, Float8Linear, convert_to_float8,
-                                   dequantize, fp8_backend, quantize, scaled_matmul,
+                                   fp8_backend, from_float8, scaled_matmul, to_float8,
                                    size_filter)
 from tests.host_reads import count_host_reads
 
@@ -26,10 +26,10 @@ def rel(a, b):
 def test_tensorwise_roundtrip_error_bound(dtype, fmt):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(256, 64, generator=gen) * torch.logspace(-3, 2, 64)
-    x8, scale = quantize(x, dtype)
+    x8, scale = to_float8(x, dtype)
     assert x8.dtype == dtype and scale.dim() == 0
     assert x8.float().abs().max() == fmt.max  # amax lands on the largest value
-    err = (dequantize(x8, scale) - x).abs()
+    err = (from_float8(x8, scale) - x).abs()
     # Half an ulp: relative 2**-(m+1) for normals, half the subnormal step below.
     bound = torch.maximum(x.abs() * 2.0 ** -(fmt.man_bits + 1),
                           torch.tensor(fmt.min_subnormal / 2) / scale)
@@ -40,19 +40,19 @@ def test_tensorwise_roundtrip_error_bound(dtype, fmt):
 
 def test_rowwise_scales_each_row():
     x = torch.randn(8, 32) * torch.logspace(-4, 4, 8)[:, None]
-    x8, scale = quantize(x, E4, "rowwise")
+    x8, scale = to_float8(x, E4, "rowwise")
     assert scale.shape == (8, 1)
     assert torch.equal(x8.float().abs().amax(dim=1), torch.full((8,), 448.0))
     # Per-row scales keep small rows accurate where one tensor scale cannot.
-    err_row = rel(dequantize(x8, scale)[0], x[0])
-    x8t, st = quantize(x, E4, "tensorwise")
-    err_tensor = rel(dequantize(x8t, st)[0], x[0])
+    err_row = rel(from_float8(x8, scale)[0], x[0])
+    x8t, st = to_float8(x, E4, "tensorwise")
+    err_tensor = rel(from_float8(x8t, st)[0], x[0])
     assert err_row < 0.05 < err_tensor
 
 
 def test_given_scale_saturates_instead_of_overflowing():
     x = torch.tensor([1.0, 100.0, -1e4])
-    x8, _ = quantize(x, E5, scale=torch.tensor(100.0))
+    x8, _ = to_float8(x, E5, scale=torch.tensor(100.0))
     assert x8.float().tolist() == [96.0, 10240.0, -57344.0]  # no inf
     assert not x.to(E5).float().isinf().any() and (x * 100).to(E5).float().isinf().any()
 
@@ -99,8 +99,8 @@ def test_forward_is_exactly_the_fp8_product():
     torch.manual_seed(1)
     f8 = Float8Linear(48, 32, bias=False)
     x = torch.randn(20, 48)
-    xq, sx = quantize(x, E4)
-    wq, sw = quantize(f8.weight.detach(), E4)
+    xq, sx = to_float8(x, E4)
+    wq, sw = to_float8(f8.weight.detach(), E4)
     expect = (xq.double() / sx.double()) @ (wq.double() / sw.double()).t()
     torch.testing.assert_close(f8(x).double(), expect, rtol=1e-5, atol=1e-5)
 
@@ -161,11 +161,11 @@ def test_convert_to_float8(capsys):
 
 def test_bad_inputs():
     with pytest.raises(ValueError, match="dtype="):
-        quantize(torch.randn(3), torch.float16)
+        to_float8(torch.randn(3), torch.float16)
     with pytest.raises(ValueError, match="x must be"):
-        quantize(torch.arange(3))
+        to_float8(torch.arange(3))
     with pytest.raises(ValueError, match="scaling="):
-        quantize(torch.randn(3), scaling="blockwise")
+        to_float8(torch.randn(3), scaling="columnwise")
     with pytest.raises(ValueError, match="scaling="):
         Float8Linear(16, 16, scaling="none")
     with pytest.raises(ValueError, match="divisible by 16"):
@@ -240,8 +240,8 @@ def test_fused_projection_casts_its_input_once(monkeypatch):
     """A fused q/k/v projection is one Float8Linear: its input is cast to FP8 once
     (plus its one weight); three projections cast the same input three times."""
     casts = []
-    real = fp8.quantize
-    monkeypatch.setattr(fp8, "quantize", lambda x, *a, **k: casts.append(
+    real = fp8.to_float8
+    monkeypatch.setattr(fp8, "to_float8", lambda x, *a, **k: casts.append(
         tuple(x.shape)) or real(x, *a, **k))
     x = torch.randn(2, 8, 64)
     for fused, expected in ((True, 1), (False, 3)):
@@ -275,3 +275,88 @@ def test_training_steps_make_no_host_sync_on_the_gpu(scaling):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_tile_and_block_scales_by_hand():
+    """One scale per 1 x b tile and per b x b block, each from its own amax, checked
+    against loops over the tiles; a tile's outlier leaves the other tiles alone."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 32, generator=gen) * torch.logspace(-3, 3, 8)[:, None]
+    x[0, 3] = 1e4  # an outlier in the first tile of row 0
+    b = 8
+    t8, ts = to_float8(x, E4, "tile", block=b)
+    _, ks = to_float8(x, E4, "block", block=b)
+    assert ts.shape == (8, 4) and ks.shape == (1, 4)
+    for r in range(8):
+        for c in range(4):
+            tile = x[r, c * b:(c + 1) * b]
+            assert ts[r, c] == 448 / tile.abs().max()
+            want = (tile * ts[r, c]).clamp(-448, 448).to(E4)
+            assert torch.equal(t8[r, c * b:(c + 1) * b].float(), want.float())
+    for c in range(4):
+        assert ks[0, c] == 448 / x[:, c * b:(c + 1) * b].abs().max()
+    back = from_float8(t8, ts)
+    assert rel(back[0, b:], x[0, b:]) < 0.05  # row 0 beyond the outlier's tile
+    assert rel(from_float8(*to_float8(x, E4))[0, b:], x[0, b:]) > 0.5  # tensorwise
+    # A square block's scale is the same for the transpose: the weight's trick.
+    w = torch.randn(16, 16, generator=gen)
+    w8, sw = to_float8(w, E4, "block", block=8)
+    wt8, swt = to_float8(w.t(), E4, "block", block=8)
+    assert torch.equal(wt8.float(), w8.t().float()) and torch.equal(swt, sw.t())
+    with pytest.raises(ValueError, match="divisible"):
+        to_float8(torch.randn(4, 20), E4, "tile", block=8)
+
+
+def test_blockwise_linear_against_tiles_by_hand():
+    """Forward and both gradients equal float64 products of the operands quantized
+    tile by tile and block by block in loops: x in 1 x b tiles along K, w in b x b
+    blocks, the output gradient in tiles along N (grad x) and, with x, along the M
+    tokens (grad w); M = 20 is not a multiple of b, the last tile is short."""
+    torch.manual_seed(6)
+    b, M, K, N = 8, 20, 16, 24
+    layer = Float8Linear(K, N, bias=False, scaling="blockwise", block=b)
+    w = layer.weight.detach()
+    x = (torch.randn(M, K) * torch.logspace(-2, 2, M)[:, None]).requires_grad_()
+    gy = torch.randn(M, N) * torch.logspace(1, -1, N)
+
+    def tiles(t):  # t (R, C): each row cut in tiles of b along C, read back
+        out = torch.empty_like(t, dtype=torch.float64)
+        for r in range(t.shape[0]):
+            for c in range(0, t.shape[1], b):
+                seg = t[r, c:c + b]
+                s = 448 / seg.abs().max()
+                out[r, c:c + b] = (seg * s).clamp(-448, 448).to(E4).double() / s
+        return out
+
+    def blocks(t):
+        out = torch.empty_like(t, dtype=torch.float64)
+        for r in range(0, t.shape[0], b):
+            for c in range(0, t.shape[1], b):
+                seg = t[r:r + b, c:c + b]
+                s = 448 / seg.abs().max()
+                out[r:r + b, c:c + b] = (seg * s).to(E4).double() / s
+        return out
+
+    y = layer(x)
+    y.backward(gy)
+    xd, wd = x.detach(), w
+    torch.testing.assert_close(y.double(), tiles(xd) @ blocks(wd).t(), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), tiles(gy) @ blocks(wd), rtol=1e-5,
+                               atol=1e-5)
+    want_gw = tiles(gy.t().contiguous()) @ tiles(xd.t().contiguous()).t()
+    torch.testing.assert_close(layer.weight.grad.double(), want_gw, rtol=1e-5,
+                               atol=1e-4)
+
+
+def test_blockwise_is_emulated_and_checks_sizes(capsys):
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 48))
+    convert_to_float8(model, scaling="blockwise")
+    assert isinstance(model[0], Float8Linear) and type(model[1]) is nn.Linear
+    line = capsys.readouterr().out
+    assert "1 kept (sizes not multiples of 128)" in line and "emulate" in line
+    assert model[0].resolved_backend(torch.device("cpu")) == "emulate"
+    with pytest.raises(ValueError, match="divisible by block"):
+        Float8Linear(256, 48, scaling="blockwise")
+    with pytest.raises(ValueError, match="emulation only"):
+        Float8Linear(256, 256, scaling="blockwise", backend="scaled_mm")

@@ -1,4 +1,5 @@
-"""Binary floating-point formats, bit by bit: fp32, tf32, fp16, bf16 and the two FP8s.
+"""Binary floating-point formats, bit by bit: fp32, tf32, fp16, bf16, the two FP8s and
+the FP6 and FP4 elements of the MX formats.
 
 A float is ``sign | exponent | mantissa``. With ``e`` exponent bits the stored exponent
 ``E`` has a bias ``2**(e-1) - 1``; a normal number is ``(-1)**s * 1.m * 2**(E - bias)``
@@ -6,7 +7,8 @@ and ``E == 0`` holds the subnormals ``(-1)**s * 0.m * 2**(1 - bias)``. IEEE 754 
 keep the all-ones exponent for infinity and NaN. The OCP FP8 format E4M3FN ("finite,
 NaN") has no infinity: it spends the all-ones exponent on numbers and keeps only
 ``S.1111.111`` for NaN, which stretches its range to 448 (Micikevicius et al., 2022,
-"FP8 Formats for Deep Learning").
+"FP8 Formats for Deep Learning"). The FP6 (E2M3, E3M2) and FP4 (E2M1) formats of the
+OCP Microscaling specification (2023) keep neither: every pattern is a number.
 
 Everything here works on float64 tensors, which hold every value of these formats
 exactly, so the encoders double as exact references for torch's own casts.
@@ -27,12 +29,16 @@ class FloatFormat:
     exp_bits: int  # width of the exponent field
     man_bits: int  # width of the mantissa (fraction) field, without the implicit 1
     has_inf: bool  # IEEE-style: the all-ones exponent means inf (mantissa 0) or NaN
-    torch_dtype: torch.dtype | None  # the matching torch dtype, None for tf32
+    torch_dtype: torch.dtype | None  # the matching torch dtype (None: tf32, FP6, FP4)
+    has_nan: bool = True  # False: no NaN pattern either (FP6, FP4); overflow saturates
 
     def __post_init__(self):
         if self.exp_bits < 2 or self.man_bits < 1:
             raise ValueError(f"{self.name}: exp_bits must be >= 2 and man_bits >= 1, "
                              f"got {self.exp_bits} and {self.man_bits}")
+        if self.has_inf and not self.has_nan:
+            raise ValueError(f"{self.name}: a format with inf has NaN too (IEEE 754); "
+                             "pass has_nan=True")
 
     @property
     def bits(self) -> int:
@@ -55,8 +61,9 @@ class FloatFormat:
 
     @property
     def max(self) -> float:
-        # Without inf only the all-ones mantissa at the top exponent is taken (by NaN).
-        frac = 2 - 2.0 ** -self.man_bits * (1 if self.has_inf else 2)
+        # NaN without inf takes only the all-ones mantissa at the top exponent.
+        nan_on_top = self.has_nan and not self.has_inf
+        frac = 2 - 2.0 ** -self.man_bits * (2 if nan_on_top else 1)
         return frac * 2.0 ** self.emax
 
     @property
@@ -80,17 +87,22 @@ BF16 = FloatFormat("bf16", 8, 7, True, torch.bfloat16)
 E4M3 = FloatFormat("e4m3fn", 4, 3, False, torch.float8_e4m3fn)
 E5M2 = FloatFormat("e5m2", 5, 2, True, torch.float8_e5m2)
 FORMATS = {f.name: f for f in (FP32, TF32, FP16, BF16, E4M3, E5M2)}
+# The element formats of MXFP6 and MXFP4: all 64 or 16 patterns are numbers.
+E3M2 = FloatFormat("e3m2", 3, 2, False, None, has_nan=False)
+E2M3 = FloatFormat("e2m3", 2, 3, False, None, has_nan=False)
+E2M1 = FloatFormat("e2m1", 2, 1, False, None, has_nan=False)
+SMALL_FORMATS = {f.name: f for f in (E3M2, E2M3, E2M1)}
 
 
 def get_format(fmt: FloatFormat | str | torch.dtype) -> FloatFormat:
     """A ``FloatFormat`` from itself, its name or its torch dtype."""
     if isinstance(fmt, FloatFormat):
         return fmt
-    for f in FORMATS.values():
+    for f in (*FORMATS.values(), *SMALL_FORMATS.values()):
         if fmt == f.name or (isinstance(fmt, torch.dtype) and fmt == f.torch_dtype):
             return f
-    raise ValueError(f"fmt={fmt!r} is not a known format; use one of {list(FORMATS)} "
-                     "or their torch dtypes")
+    raise ValueError(f"fmt={fmt!r} is not a known format; use one of "
+                     f"{list(FORMATS) + list(SMALL_FORMATS)} or their torch dtypes")
 
 
 def split_bits(bits: torch.Tensor, fmt) -> tuple[torch.Tensor, ...]:
@@ -115,7 +127,7 @@ def decode(bits: torch.Tensor, fmt) -> torch.Tensor:
     if fmt.has_inf:
         value = torch.where(top & (mantissa == 0), torch.inf, value)
         value = torch.where(top & (mantissa != 0), torch.nan, value)
-    else:
+    elif fmt.has_nan:
         value = torch.where(top & (mantissa == 2 ** fmt.man_bits - 1), torch.nan, value)
     return torch.where(sign == 1, -value, value)
 
@@ -125,7 +137,8 @@ def round_to_format(x: torch.Tensor, fmt, saturate: bool = False) -> torch.Tenso
 
     The result is float64. Magnitudes past the largest finite value become inf when the
     format has one, NaN when it has none; ``saturate=True`` clamps them (and inf) to
-    +-max instead, which is what torch's cast to ``float8_e4m3fn`` does.
+    +-max instead, which is what this torch's cast to ``float8_e4m3fn`` does. A format
+    with neither inf nor NaN (FP6, FP4) can only saturate.
     """
     fmt = get_format(fmt)
     x = torch.as_tensor(x).double()
@@ -135,7 +148,7 @@ def round_to_format(x: torch.Tensor, fmt, saturate: bool = False) -> torch.Tenso
     y = torch.round(x / quantum) * quantum  # torch.round rounds half to even
     # IEEE overflow: a result past max (after rounding, unbounded exponent) is inf.
     over = y.abs() > fmt.max
-    if saturate:
+    if saturate or not fmt.has_nan:
         y = torch.where(over | x.isinf(), x.sign() * fmt.max, y)
     else:
         big = torch.inf if fmt.has_inf else torch.nan
@@ -147,6 +160,9 @@ def encode(x: torch.Tensor, fmt, saturate: bool = False) -> torch.Tensor:
     """Round ``x`` to ``fmt`` and return the bit patterns as int64."""
     fmt = get_format(fmt)
     y = round_to_format(x, fmt, saturate)
+    if not fmt.has_nan and bool(y.isnan().any()):
+        raise ValueError(f"x holds NaN, which {fmt.name} cannot encode (it has no "
+                         "NaN); an MX block marks NaN in its scale instead")
     sign = (torch.signbit(y)).long()
     a = y.abs()
     _, e = torch.frexp(a)
@@ -165,7 +181,7 @@ def encode(x: torch.Tensor, fmt, saturate: bool = False) -> torch.Tensor:
 
 
 def all_values(fmt) -> torch.Tensor:
-    """Every value of an 8-bit format, by bit pattern 0..255 (NaNs included)."""
+    """Every value of a format of at most 16 bits, by bit pattern (NaNs included)."""
     fmt = get_format(fmt)
     if fmt.bits > 16:
         raise ValueError(f"fmt={fmt.name} has {fmt.bits} bits; enumerate at most 16")

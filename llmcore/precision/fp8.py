@@ -4,17 +4,22 @@ An FP8 number has 3 (e4m3) or 2 (e5m2) mantissa bits and a narrow range, so a te
 stored as ``x_fp8 = cast(x * scale)`` with a float32 ``scale`` chosen to map the
 tensor's largest magnitude (amax) onto the format's largest value, and read back as
 ``x ~= x_fp8 / scale``. The scale is one number per tensor (*tensorwise*), one per row
-(*rowwise*), or taken from the amaxes of the last few steps (*delayed*, so no extra
-pass over the tensor is needed before the cast). Forward operands use e4m3
-(precision), gradients e5m2 (range), except that rowwise scaling keeps e4m3 throughout
+(*rowwise*), taken from the amaxes of the last few steps (*delayed*, so no extra
+pass over the tensor is needed before the cast), or fine-grained (*blockwise*: one
+per 1 x 128 tile of the activations and gradients, one per 128 x 128 block of the
+weights, DeepSeek-V3, 2024). Forward operands use e4m3 (precision), the output
+gradient e5m2 (range), except that rowwise and blockwise scaling keep e4m3 throughout
 (Micikevicius et al., 2022, "FP8 Formats for Deep Learning"; the recipes follow NVIDIA
 Transformer Engine and torchao's ``Float8Linear``). The casts and scales are in
 ``fp8_scaling``; this module re-exports them.
 
 The matmul runs in ``torch._scaled_mm`` on GPUs of compute capability 8.9 or higher
-(Ada, Hopper, Blackwell). Elsewhere an emulation does the same arithmetic: FP8 values
-are exact in float32 and so are their products, which are summed in float32 and
-multiplied by the two inverse scales, as the kernel does.
+(Ada, Hopper, Blackwell). Elsewhere an emulation does the same products: a product of
+two FP8 values has at most 8 significant bits, exact in float32. It sums them in
+float32, while the kernel sums them in its own order and in the tensor core's
+accumulator, which on Hopper keeps about 14 bits unless the partial sums are
+promoted to float32 (``llmcore.precision.accumulate`` emulates that). Blockwise
+scaling always runs the emulation: its kernels are not wired here.
 """
 
 from __future__ import annotations
@@ -26,10 +31,10 @@ import torch.nn as nn
 
 from llmcore.nn.swap import swap_modules
 from llmcore.precision.fp8_scaling import (  # noqa: F401  (re-exported)
-    FP8_DTYPES, AmaxHistory, amax_to_scale, delayed_scale, dequantize, quantize)
+    FP8_DTYPES, AmaxHistory, amax_to_scale, delayed_scale, from_float8, to_float8)
 from llmcore.runtime import device_caps
 
-SCALINGS = ("tensorwise", "rowwise", "delayed")
+SCALINGS = ("tensorwise", "rowwise", "delayed", "blockwise")
 BACKENDS = ("auto", "scaled_mm", "emulate")
 
 
@@ -74,14 +79,30 @@ def _mm(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
     return out.to(kernel_dtype).to(out_dtype)
 
 
+def _mm_fine(a8: torch.Tensor, sa: torch.Tensor, b8: torch.Tensor, sb: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b_t.T`` for FP8 ``a8`` (M, K) and ``b8`` (N, K) with tile or block scales
+    along K: each group of ``block`` products has its own pair of scales, so the
+    emulation reads both operands back to float32 (exact up to the last bit of each
+    scaled value) and multiplies them once."""
+    with torch.autocast(a8.device.type, enabled=False):
+        return (from_float8(a8, sa) @ from_float8(b8, sb).t()).to(out_dtype)
+
+
+def _pad_last(t: torch.Tensor, block: int) -> torch.Tensor:
+    """``t`` with zeros appended to its last dimension up to a multiple of ``block``:
+    zeros change neither a tile's amax nor a dot product."""
+    extra = -t.shape[-1] % block
+    return torch.nn.functional.pad(t, (0, extra)) if extra else t
+
 def scaled_matmul(a: torch.Tensor, b_t: torch.Tensor, a_dtype: torch.dtype,
                   b_dtype: torch.dtype, scaling: str, out_dtype: torch.dtype,
                   backend: str, scales=(None, None)) -> torch.Tensor:
     """``a @ b_t.T`` with both operands quantized to FP8 along the contracted (last)
     dimension: ``a`` is (M, K), ``b_t`` is (N, K), the result (M, N)."""
     gran = "rowwise" if scaling == "rowwise" else "tensorwise"
-    a8, sa = quantize(a, a_dtype, gran, scales[0])  # (M, K), scale () or (M, 1)
-    b8, sb = quantize(b_t, b_dtype, gran, scales[1])  # (N, K), scale () or (N, 1)
+    a8, sa = to_float8(a, a_dtype, gran, scales[0])  # (M, K), scale () or (M, 1)
+    b8, sb = to_float8(b_t, b_dtype, gran, scales[1])  # (N, K), scale () or (N, 1)
     return _mm(a8, sa, b8, sb, out_dtype, backend)
 
 
@@ -97,24 +118,30 @@ class _Float8Matmul(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, scaling, backend, sx, sw, g_history, g_seen):
+    def forward(ctx, x, w, scaling, backend, sx, sw, g_history, g_seen, block):
         # sx, sw: delayed scales or None; g_history, g_seen: the gradient's amax
         # history, updated in backward (None unless delayed)
         e4m3 = torch.float8_e4m3fn
-        ctx.conf = (scaling, backend, x.dtype, w.dtype)
+        ctx.conf = (scaling, backend, x.dtype, w.dtype, block)
         ctx.g_state = (g_history, g_seen)
         if scaling == "rowwise":
             ctx.save_for_backward(x, w)
             return scaled_matmul(x, w, e4m3, e4m3, scaling, x.dtype, backend)
-        x8, sx = quantize(x, e4m3, "tensorwise", sx)  # (M, K)
-        w8, sw = quantize(w, e4m3, "tensorwise", sw)  # (N, K)
+        if scaling == "blockwise":
+            x8, sx = to_float8(x, e4m3, "tile", block=block)  # (M, K), (M, K/b)
+            w8, sw = to_float8(w, e4m3, "block", block=block)  # (N, K), (N/b, K/b)
+            ctx.save_for_backward(x, w8, sw)
+            return _mm_fine(x8, sx, w8, sw, x.dtype)
+        x8, sx = to_float8(x, e4m3, "tensorwise", sx)  # (M, K)
+        w8, sw = to_float8(w, e4m3, "tensorwise", sw)  # (N, K)
         ctx.save_for_backward(x8, sx, w8, sw)
         return _mm(x8, sx, w8, sw, x.dtype, backend)
 
     @staticmethod
     def backward(ctx, gy):
-        scaling, backend, x_dtype, w_dtype = ctx.conf
+        scaling, backend, x_dtype, w_dtype, block = ctx.conf
         e4m3, e5m2 = torch.float8_e4m3fn, torch.float8_e5m2
+        none = (None,) * 7
         if scaling == "rowwise":
             x, w = ctx.saved_tensors
             # grad_x (M, K) = gy (M, N) @ w (N, K): contract over N.
@@ -123,15 +150,35 @@ class _Float8Matmul(torch.autograd.Function):
             # grad_w (N, K) = gy.T (N, M) @ x (M, K): contract over M.
             gw = scaled_matmul(gy.t().contiguous(), x.t().contiguous(), e4m3, e4m3,
                                scaling, w_dtype, backend)
-            return gx, gw, None, None, None, None, None, None
+            return gx, gw, *none
+        if scaling == "blockwise":
+            return (*_blockwise_grads(ctx, gy, block), *none)
         x8, sx, w8, sw = ctx.saved_tensors
         g_history, g_seen = ctx.g_state
         sg = None if g_history is None else delayed_scale(g_history, g_seen, gy, e5m2)
-        g8, sg = quantize(gy, e5m2, "tensorwise", sg)  # (M, N)
+        # The output gradient is cast too: e5m2, for its range.
+        g8, sg = to_float8(gy, e5m2, "tensorwise", sg)  # (M, N)
         gx = _mm(g8, sg, w8.t().contiguous(), sw, x_dtype, backend)  # (M, K)
         gw = _mm(g8.t().contiguous(), sg, x8.t().contiguous(), sx, w_dtype,
                  backend)  # (N, K)
-        return gx, gw, None, None, None, None, None, None
+        return gx, gw, *none
+
+
+def _blockwise_grads(ctx, gy: torch.Tensor, block: int):
+    """The two backward GEMMs of DeepSeek-V3's recipe, all in e4m3. grad_x contracts
+    over N: the output gradient in 1 x 128 tiles along N, the weight's 128 x 128
+    blocks transposed (a square block's scale serves both orientations, which is why
+    weights get blocks). grad_w contracts over the M tokens: both operands in tiles
+    along M (the activations' 128 x 1 tiles)."""
+    x, w8, sw = ctx.saved_tensors
+    _, _, x_dtype, w_dtype, _ = ctx.conf
+    e4m3 = torch.float8_e4m3fn
+    g8, sg = to_float8(gy, e4m3, "tile", block=block)  # (M, N), (M, N/b)
+    gx = _mm_fine(g8, sg, w8.t(), sw.t(), x_dtype)  # (M, K)
+    gt8, sgt = to_float8(_pad_last(gy.t(), block), e4m3, "tile", block=block)  # (N, M)
+    xt8, sxt = to_float8(_pad_last(x.t(), block), e4m3, "tile", block=block)  # (K, M)
+    gw = _mm_fine(gt8, sgt, xt8, sxt, w_dtype)  # (N, K)
+    return gx, gw
 
 
 class Float8Linear(nn.Linear):
@@ -140,13 +187,21 @@ class Float8Linear(nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  scaling: str = "tensorwise", backend: str = "auto",
-                 history_len: int = 16, device=None, dtype=None):
+                 history_len: int = 16, block: int = 128, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         if scaling not in SCALINGS:
             raise ValueError(f"scaling={scaling!r}; use one of {SCALINGS}")
         if backend not in BACKENDS:
             raise ValueError(f"backend={backend!r}; use one of {BACKENDS}")
-        self.scaling, self.backend = scaling, backend
+        if scaling == "blockwise":
+            if backend == "scaled_mm":
+                raise ValueError("scaling='blockwise' runs the emulation only; use "
+                                 "backend='auto' or 'emulate'")
+            if in_features % block or out_features % block:
+                raise ValueError(f"scaling='blockwise' needs in_features and "
+                                 f"out_features divisible by block={block}, got "
+                                 f"{in_features} and {out_features}")
+        self.scaling, self.backend, self.block = scaling, backend, block
         delayed = scaling == "delayed"
         self.hist_x = AmaxHistory(history_len) if delayed else None
         self.hist_w = AmaxHistory(history_len) if delayed else None
@@ -168,6 +223,8 @@ class Float8Linear(nn.Linear):
         return new
 
     def resolved_backend(self, device: torch.device) -> str:
+        if self.scaling == "blockwise":
+            return "emulate"
         return fp8_backend(device)[0] if self.backend == "auto" else self.backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,7 +240,7 @@ class Float8Linear(nn.Linear):
             g_history, g_seen = self.hist_g.history, self.hist_g.seen
         y = _Float8Matmul.apply(x2, self.weight, self.scaling,
                                 self.resolved_backend(x.device), sx, sw, g_history,
-                                g_seen)
+                                g_seen, self.block)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)  # (B, T, C_out)
@@ -218,7 +275,7 @@ def size_filter(min_features: int = 1024, skip: Sequence[str] = ("lm_head",)
 
 def convert_to_float8(model: nn.Module, module_filter_fn=None,
                       scaling: str = "tensorwise", backend: str = "auto",
-                      quiet: bool = False) -> nn.Module:
+                      quiet: bool = False, block: int = 128) -> nn.Module:
     """Swap, in place, every ``nn.Linear`` for which ``module_filter_fn(module, fqn)``
     is true (all when None) for a ``Float8Linear``; return the model.
 
@@ -226,16 +283,18 @@ def convert_to_float8(model: nn.Module, module_filter_fn=None,
     A fused q/k/v projection (one ``Linear(C, 3C)``) becomes one ``Float8Linear``,
     so its input is cast to FP8 once, not three times.
     Layers whose sizes are not multiples of 16 stay as they are (``_scaled_mm`` needs
-    that). Prints one line saying how many were swapped and which path runs them.
+    that), and with ``scaling="blockwise"`` those whose sizes are not multiples of
+    ``block``. Prints one line saying how many were swapped and which path runs them.
     """
     skipped = []
+    multiple = block if scaling == "blockwise" else 16
 
     def select(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear) or isinstance(module, Float8Linear):
             return False
         if module_filter_fn is not None and not module_filter_fn(module, fqn):
             return False
-        if module.in_features % 16 or module.out_features % 16:
+        if module.in_features % multiple or module.out_features % multiple:
             skipped.append(fqn)
             return False
         return True
@@ -243,12 +302,15 @@ def convert_to_float8(model: nn.Module, module_filter_fn=None,
     if isinstance(model, nn.Linear):
         raise ValueError("model is itself an nn.Linear; wrap it in a module first")
     swapped = swap_modules(model, select, lambda m: Float8Linear.from_linear(
-        m, scaling=scaling, backend=backend))
+        m, scaling=scaling, backend=backend, block=block))
     if not quiet:
         p = next(model.parameters(), None)
         dev = p.device if p is not None else torch.device("cpu")
         path, why = fp8_backend(dev) if backend == "auto" else (backend, "as asked")
-        note = f", {len(skipped)} kept (sizes not multiples of 16)" if skipped else ""
+        if scaling == "blockwise":
+            path, why = "emulate", "blockwise GEMMs are emulated"
+        note = (f", {len(skipped)} kept (sizes not multiples of {multiple})"
+                if skipped else "")
         print(f"convert_to_float8: {len(swapped)} Linear -> Float8Linear ({scaling})"
               f"{note}; matmuls run via {path} ({why})")
     return model

@@ -1,10 +1,14 @@
-"""FP8 scaled casts: tensorwise, rowwise and delayed scales.
+"""FP8 scaled casts: tensorwise, rowwise, tile, block and delayed scales.
 
 A tensor is stored as ``x_fp8 = cast(x * scale)``, with a float32 ``scale`` that maps
 its largest magnitude (amax) onto the format's largest value, and read back as
-``x ~= x_fp8 / scale``. Delayed scaling takes the scale from the amaxes of the last
-few steps, kept in a small history on the device, so the scale is known before the
-tensor is and no step reads a tensor back to the host.
+``x ~= x_fp8 / scale``. The scale is one number per tensor (*tensorwise*), per row
+(*rowwise*), per tile of ``1 x block`` values along the last dimension (*tile*) or per
+``block x block`` square (*block*): DeepSeek-V3 (2024, section 3.3) scales activations
+by 1 x 128 tiles and weights by 128 x 128 blocks, so that an outlier spoils only its
+own tile. Delayed scaling takes the scale from the amaxes of the last few steps, kept
+in a small history on the device, so the scale is known before the tensor is and no
+step reads a tensor back to the host.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import torch
 import torch.nn as nn
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+GRANULARITIES = ("tensorwise", "rowwise", "tile", "block")
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -27,35 +32,64 @@ def amax_to_scale(amax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.finfo(dtype).max / amax.float().clamp(min=1e-12)
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
-             scaling: str = "tensorwise", scale: torch.Tensor | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x_fp8, scale)`` with ``x ~= x_fp8.float() / scale``.
+def _amax(x: torch.Tensor, scaling: str, block: int) -> torch.Tensor:
+    """The largest magnitude per scaling group, shaped to broadcast per group."""
+    a = x.abs()
+    if scaling == "tensorwise":
+        return a.amax()  # ()
+    if scaling == "rowwise":
+        return a.amax(dim=-1, keepdim=True)  # (..., 1)
+    k = x.shape[-1]
+    if k % block or (scaling == "block" and (x.dim() != 2 or x.shape[0] % block)):
+        raise ValueError(f"scaling={scaling!r} with block={block} needs the last "
+                         f"dimension (and for 'block' a 2-D x's rows) divisible by "
+                         f"{block}, got x of shape {tuple(x.shape)}")
+    tiles = a.reshape(*x.shape[:-1], k // block, block).amax(dim=-1)  # (..., K/b)
+    if scaling == "tile":
+        return tiles
+    m = x.shape[0]
+    return tiles.reshape(m // block, block, k // block).amax(dim=1)  # (M/b, K/b)
 
-    ``scaling="tensorwise"`` gives a 0-d scale, ``"rowwise"`` one scale per row (shape
-    ``(..., 1)``, the amax taken over the last dimension). A given ``scale`` (from
-    delayed scaling) is used as is; values it pushes past the format's range saturate.
+
+def expand_scale(scale: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A scale per group, repeated to one entry per value of a tensor of ``shape``
+    (tile and block scales); tensorwise and rowwise scales broadcast as they are."""
+    for d in range(-scale.dim(), 0):
+        if scale.shape[d] not in (1, shape[d]):
+            scale = scale.repeat_interleave(shape[d] // scale.shape[d], dim=d)
+    return scale
+
+
+def to_float8(x: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn,
+              scaling: str = "tensorwise", scale: torch.Tensor | None = None,
+              block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x_fp8, scale)`` with ``x ~= from_float8(x_fp8, scale)``.
+
+    ``scaling``: ``"tensorwise"`` gives a 0-d scale, ``"rowwise"`` one per row (shape
+    ``(..., 1)``), ``"tile"`` one per ``1 x block`` tile of the last dimension (shape
+    ``(..., K / block)``), ``"block"`` one per ``block x block`` square of a matrix
+    (shape ``(M / block, K / block)``). A given ``scale`` (from delayed scaling) is
+    used as is; values it pushes past the format's range saturate.
     """
     _check_dtype(dtype)
-    if scaling not in ("tensorwise", "rowwise"):
-        raise ValueError(f"scaling={scaling!r}; use 'tensorwise' or 'rowwise' (delayed "
+    if scaling not in GRANULARITIES:
+        raise ValueError(f"scaling={scaling!r}; use one of {GRANULARITIES} (delayed "
                          "scaling passes its own `scale`)")
     if not x.is_floating_point():
         raise ValueError(f"x must be a floating-point tensor, got {x.dtype}")
     x = x.float()
     if scale is None:
-        amax = x.abs().amax() if scaling == "tensorwise" else \
-            x.abs().amax(dim=-1, keepdim=True)
-        scale = amax_to_scale(amax, dtype)
+        scale = amax_to_scale(_amax(x, scaling, block), dtype)
     fmax = torch.finfo(dtype).max
     # Saturate before the cast: torch's cast to e5m2 overflows to inf.
-    x_fp8 = (x * scale).clamp(-fmax, fmax).to(dtype)
+    x_fp8 = (x * expand_scale(scale, x.shape)).clamp(-fmax, fmax).to(dtype)
     return x_fp8, scale.float()
 
 
-def dequantize(x_fp8: torch.Tensor, scale: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (x_fp8.float() / scale).to(dtype)
+def from_float8(x_fp8: torch.Tensor, scale: torch.Tensor,
+                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The high-precision values ``x_fp8 / scale`` of a scaled FP8 tensor."""
+    return (x_fp8.float() / expand_scale(scale, x_fp8.shape)).to(dtype)
 
 
 def delayed_scale(history: torch.Tensor, seen: torch.Tensor, x: torch.Tensor,

@@ -37,7 +37,7 @@ from llmcore.data import load_corpus
 from llmcore.data.lm import get_batch
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.precision.fp8 import (_mm, convert_to_float8, fp8_backend, quantize,
+from llmcore.precision.fp8 import (_mm, convert_to_float8, fp8_backend, to_float8,
                                    size_filter)
 from llmcore.train import TrainConfig, train
 
@@ -136,16 +136,16 @@ def matmul_sweep(sizes, iters: int, device: torch.device, backend: str) -> list[
     for m, k, n in sizes:
         a = torch.randn(m, k, device=device, dtype=low)
         b = torch.randn(n, k, device=device, dtype=low)  # (N, K): b.T is the operand
-        a8, sa = quantize(a)
-        b8, sb = quantize(b)
-        ar8, sar = quantize(a, scaling="rowwise")
-        br8, sbr = quantize(b, scaling="rowwise")
+        a8, sa = to_float8(a)
+        b8, sb = to_float8(b)
+        ar8, sar = to_float8(a, scaling="rowwise")
+        br8, sbr = to_float8(b, scaling="rowwise")
         flops = 2 * m * k * n
         runs = {
             "bf16": lambda: a @ b.t(),
             "fp8_tensorwise": lambda: _mm(a8, sa, b8, sb, low, backend),
             "fp8_rowwise": lambda: _mm(ar8, sar, br8, sbr, low, backend),
-            "fp8_tensorwise_with_cast": lambda: _mm(*quantize(a), *quantize(b), low,
+            "fp8_tensorwise_with_cast": lambda: _mm(*to_float8(a), *to_float8(b), low,
                                                     backend),
         }
         row = {"M": m, "K": k, "N": n}
