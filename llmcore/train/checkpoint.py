@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from llmcore.io import atomic_write, remove_stale_temps
+from llmcore.parallel.dcp import IMPLEMENTATION
 
 FORMAT = "llmcore-checkpoint"
 VERSION = 2
@@ -216,7 +217,13 @@ def restore_checkpoint(payload: dict[str, Any], model: nn.Module, *,
             continue
         if payload[name] is None:
             raise CheckpointError(f"{source} has no {name} state; pass {name}=None")
+        # the saved groups carry the saving optimizer's kernel choice (fused,
+        # foreach): the optimizer that loads keeps its own
+        how = [{k: g[k] for k in IMPLEMENTATION if k in g}
+               for g in getattr(obj, "param_groups", [])]
         obj.load_state_dict(payload[name])
+        for group, kept in zip(getattr(obj, "param_groups", []), how):
+            group.update(kept)
     if restore_rng:
         set_rng_state(payload["rng"], generator)
 

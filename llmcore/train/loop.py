@@ -170,16 +170,20 @@ class Interrupted(Exception):
 @contextlib.contextmanager
 def stop_signals(enabled: bool):
     """Within: SIGINT and SIGTERM set ``flag["signum"]`` instead of stopping the
-    process (a second one stops it at once); the old handlers are restored after."""
-    flag: dict[str, int | None] = {"signum": None}
+    process; one more a second or more later stops it at once (KeyboardInterrupt
+    with the signal number). Copies within that second are the same request: torchrun
+    forwards the signal a terminal or a scheduler already sent to every process.
+    The old handlers are restored after."""
+    flag: dict[str, Any] = {"signum": None, "at": 0.0}
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
-        if flag["signum"] is not None:  # asked twice: stop now
-            raise KeyboardInterrupt
-        flag["signum"] = signum
+        if flag["signum"] is None:
+            flag["signum"], flag["at"] = signum, time.monotonic()
+        elif time.monotonic() - flag["at"] >= 1.0:  # asked again: stop now
+            raise KeyboardInterrupt(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -308,8 +312,15 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                 tokens = sum(count_tokens(b) for b in batches)
                 loss, grad_norm = update(batches)
                 # Fetch the next batches while the device works on this step; not
+                # A stop is decided before the next batches are drawn, so that its
+                # checkpoint holds the generator's state for the next step.
+                signum = stop_requested(flag, collective) if (
+                    ckpt_path is not None and done < end and (
+                        not collective or saving or done % cfg.log_interval == 0)) \
+                    else None
                 # past a checkpoint, so that it saves the RNG state of the next step.
-                batches = fetch(done) if done < end and not saving else None
+                batches = fetch(done) if done < end and not saving and signum is None \
+                    else None
                 pending.add(step, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
                 if on_step is not None:
                     on_step(done)
@@ -328,13 +339,10 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                         precision=cfg.precision, device=device, seed=cfg.eval_seed))
                     if saving:
                         checkpoint(done)  # again, with the evaluation in its history
-                if ckpt_path is not None and (not collective or saving or
-                                              done % cfg.log_interval == 0):
-                    signum = stop_requested(flag, collective)
-                    if signum is not None and done < end:
-                        if not saving:
-                            checkpoint(done)
-                        raise Interrupted(signum, done, ckpt_path)
+                if signum is not None:
+                    if not saving:
+                        checkpoint(done)
+                    raise Interrupted(signum, done, ckpt_path)
                 if batches is None and done < end:
                     batches = fetch(done)
             pending.read()

@@ -77,25 +77,24 @@ def save_checkpoint(path: str | Path, model: nn.Module, *,
 
 
 def read_checkpoint(path: str | Path, map_location: Any = None) -> dict[str, Any]:
-    """Step, extra, scheduler and scaler state; the shards stay on disk until
-    :func:`restore_checkpoint`."""
-    side = dcp.read_extra(path)
-    if not side:
-        raise FileNotFoundError(f"{path} is not a sharded llmcore checkpoint (no "
-                                "extra.pt beside the shards)")
-    return {**side, "path": str(path)}
+    """Step, extra, scheduler and scaler state (format and version checked); the
+    shards stay on disk until :func:`restore_checkpoint` checks and loads them."""
+    return {**dcp.read_extra(path), "path": str(path)}
 
 
 def restore_checkpoint(payload: dict[str, Any], model: nn.Module, *,
-                       optimizer: torch.optim.Optimizer, scheduler: Any = None,
-                       scaler: Any = None, generator: torch.Generator | None = None,
-                       source: Any = None) -> None:
-    """Load the shards this rank's layout needs (collective) and the rest."""
+                       optimizer: torch.optim.Optimizer | None = None,
+                       scheduler: Any = None, scaler: Any = None,
+                       generator: torch.Generator | None = None,
+                       restore_rng: bool = True, source: Any = None) -> None:
+    """Load the shards this rank's layout needs (collective) and the rest; without
+    ``optimizer``, the weights only. ``restore_rng``: reseed ``generator`` (nothing
+    else of the random state is saved, see above)."""
     dcp.load(payload["path"], model, optimizer)
     for name, obj in (("scheduler", scheduler), ("scaler", scaler)):
         if obj is not None and payload[name] is not None:
             obj.load_state_dict(payload[name])
     # A batch_fn of global_batches reseeds the generator at every step; for any
     # other, at least draw new batches after the step, on every layout.
-    if generator is not None:
+    if generator is not None and restore_rng:
         generator.manual_seed(generator.initial_seed() + payload["step"])
