@@ -17,7 +17,16 @@ stage  sharded                                     bytes/param
 Every parameter is flattened, padded to a multiple of N and cut into N equal shards;
 rank r owns shard r (the per-parameter sharding of FSDP2's ``fully_shard``). Rank r
 updates only its shard; stages 0-2 all-gather the new values, stage 3 keeps only the
-shard and gathers a *unit* (a block) right before its forward and backward.
+shard and gathers a *unit* (a block) right before its forward and backward. (FSDP2
+is stage 3; with ``reshard_after_forward=False``, FSDP1's ``SHARD_GRAD_OP``, it keeps
+the gathered weights from forward to backward, as stage 2 does.)
+
+Communication in 8 bits (:mod:`llmcore.parallel.quantized_comm`):
+``gather_format="e4m3"`` all-gathers the weights as FP8 codes with a scale per block
+of ``comm_block`` values (the FP8 all-gather of FSDP weights); ``reduce_format``
+reduce-scatters the gradients through 8-bit chunks summed in fp32 (ZeRO++'s
+quantised gradients). Each halves the bytes of a bf16 collective; the master
+weights and the update stay fp32, so only what travels is rounded.
 
 The optimizer is any ``torch.optim`` optimizer built over the fp32 master shards by
 :meth:`ZeroDataParallel.make_optimizer`; it trains in the book's one loop::
@@ -41,6 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmcore.parallel.comm import Comm, nbytes
+from llmcore.parallel.quantized_comm import (FORMATS, quantized_all_gather,
+                                             quantized_all_reduce,
+                                             quantized_reduce_scatter)
 
 
 class ZeroDataParallel(nn.Module):
@@ -50,13 +62,28 @@ class ZeroDataParallel(nn.Module):
     parameters outside every unit form the root unit, gathered for the whole step.
     ``param_dtype``: dtype of the working parameters and gradients (bf16 for mixed
     precision); the master copy and the optimizer's state are fp32.
+    ``gather_format`` / ``reduce_format``: ``"e4m3"``, ``"e5m2"`` or ``"int8"`` to
+    all-gather the weights / reduce the gradients in 8 bits, one fp32 scale per
+    ``comm_block`` values; None: in ``param_dtype``, exactly.
     """
 
     def __init__(self, module: nn.Module, stage: int, group=None, units=(),
-                 param_dtype: torch.dtype = torch.float32):
+                 param_dtype: torch.dtype = torch.float32,
+                 gather_format: str | None = None, reduce_format: str | None = None,
+                 comm_block: int = 128):
         super().__init__()
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"stage must be 0, 1, 2 or 3, got {stage!r}")
+        for name, fmt in (("gather_format", gather_format),
+                          ("reduce_format", reduce_format)):
+            if fmt is not None and fmt not in FORMATS:
+                raise ValueError(f"{name} must be None or one of {sorted(FORMATS)}, "
+                                 f"got {fmt!r}")
+        if gather_format is not None and stage == 0:
+            raise ValueError("gather_format needs stage >= 1: stage 0 gathers no "
+                             "weights")
+        self.gather_format, self.reduce_format = gather_format, reduce_format
+        self.comm_block = comm_block
         self.module, self.stage = module, stage
         self.comm = Comm(group)
         self.world = self.comm.world_size
@@ -100,16 +127,28 @@ class ZeroDataParallel(nn.Module):
     def _reduce(self, p: nn.Parameter) -> torch.Tensor:
         """This rank's part of the gradient summed over ranks (all of it at stage 0)."""
         g = self._padded(p.grad.reshape(-1))
+        fmt, block = self.reduce_format, self.comm_block
         if self.stage == 0:
+            if fmt is not None:
+                return quantized_all_reduce(self.comm, g, fmt, block)[:p.numel()]
             self.comm.all_reduce(g)
             return g[:p.numel()]
+        if fmt is not None:  # summed in fp32, kept in the gradients' dtype
+            return quantized_reduce_scatter(self.comm, g, fmt, block).to(g.dtype)
         out = g.new_empty(g.numel() // self.world)
         self.comm.reduce_scatter(out, g)
         return out
 
-    def _gather(self, shard: torch.Tensor, p: nn.Parameter) -> torch.Tensor:
-        full = shard.new_empty(shard.numel() * self.world)
-        self.comm.all_gather(full, shard)
+    def _gather(self, shard: torch.Tensor, p: nn.Parameter,
+                exact: bool = False) -> torch.Tensor:
+        """The whole parameter from every rank's shard; the weights a forward uses
+        travel in ``gather_format`` unless ``exact``."""
+        if self.gather_format is not None and not exact:
+            full = quantized_all_gather(self.comm, shard, self.gather_format,
+                                        self.comm_block).to(p.dtype)
+        else:
+            full = shard.new_empty(shard.numel() * self.world)
+            self.comm.all_gather(full, shard)
         return full[:p.numel()].view_as(p)
 
     def _reduce_scatter_grad(self, p: nn.Parameter) -> None:
@@ -252,5 +291,5 @@ class ZeroDataParallel(nn.Module):
         for p in self.params:
             m = self.master[p].detach()
             out[names[id(p)]] = (m[:p.numel()].view_as(p) if self.stage == 0
-                                 else self._gather(m, p).clone())
+                                 else self._gather(m, p, exact=True).clone())
         return out
