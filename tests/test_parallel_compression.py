@@ -11,6 +11,7 @@ from book.workers.common import max_abs_diff, train_single
 from book.workers.data import train_worker
 from llmcore.parallel import launch
 from llmcore.parallel.compression import make_hook, orthogonalize
+from llmcore.parallel.quantized_comm import quantized_payload
 
 pytestmark = pytest.mark.distributed
 
@@ -27,6 +28,8 @@ def every_hook(rank, world_size):
         "fp16_ddp": run("ddp", hook="fp16"),
         "bf16": run("bucketed", hook="bf16"),
         "int8": run("bucketed", hook="int8"),
+        "quantized": run("bucketed", hook="quantized"),
+        "quantized_fp8_ddp": run("ddp", hook="quantized", fmt="e4m3", block=32),
         "topk_all": run("bucketed", hook="topk", ratio=1.0),
         "topk": run("ddp", hook="topk", ratio=0.1),
         "psgd_full": run("bucketed", hook="powersgd", matrix_approximation_rank=64,
@@ -53,12 +56,18 @@ def test_hooks_under_ddp_and_bucketed():
     diff = {k: max_abs_diff(v["state"], ref["state"]) for k, v in r0.items()}
     assert diff["topk_all"] < 1e-5 and diff["psgd_full"] < 1e-4  # lossless settings
     assert diff["fp16"] < 1e-3 and diff["bf16"] < 1e-2 and diff["int8"] < 2e-2
+    assert 0 < diff["quantized"] < 2e-2 and 0 < diff["quantized_fp8_ddp"] < 5e-2
     assert 1e-4 < diff["topk"] and 1e-4 < diff["psgd"]  # these really compress
     # bytes per step: casting halves, int8 quarters (+ a scale), top-k 10 % x (4 + 4)
     full = 4 * N_PARAMS * len(DATA[0])
     assert r0["fp16"]["bytes_sent"] == full // 2
     assert r0["int8"]["bytes_sent"] == full // 4 + 4 * len(DATA[0])
     assert r0["topk"]["bytes_sent"] <= 0.2 * full
+    # the 8-bit all-reduce: reduce-scatter and all-gather one chunk of N_PARAMS / 2
+    # values, a byte each and a 4-byte scale per 128 (one bucket per step)
+    per = quantized_payload(N_PARAMS // 2, 2)
+    assert r0["quantized"]["bytes_sent"] == len(DATA[0]) * (per["all_to_all"]
+                                                            + per["all_gather"])
     # PowerSGD: ours equals torch's, under DDP and under our wrapper
     assert max_abs_diff(r0["psgd"]["state"], r0["psgd_torch"]["state"]) < 1e-5
     assert max_abs_diff(r0["psgd_ours_bucketed"]["state"], r0["psgd"]["state"]) < 1e-5

@@ -6,10 +6,15 @@ Each scheme is a function ``hook(state, bucket) -> Future[Tensor]``, the signatu
 gradient averaged over ranks (exactly, or approximately when compressed); the state
 counts the bytes this rank handed to collectives.
 
-* casting to fp16/bf16: half the bytes, rounding error only;
-* int8 quantization with one scale per rank: a quarter of the bytes handed in, but
-  all-gathered (int8 sums would overflow), so each rank sends N/8 of what an fp32
-  all-reduce sends: less only below 8 ranks;
+* casting to fp16/bf16: half the bytes; the ring sums in 16 bits, so the rounding
+  grows with the number of ranks, and fp16's range is narrow (underflow, overflow);
+* int8 quantization with one scale per rank, all-gathered: a quarter of the bytes
+  handed in, but every rank receives every other's, so each rank sends N/8 of what
+  an fp32 all-reduce sends: less only below 8 ranks;
+* int8 (or FP8) through a quantised reduce-scatter and all-gather
+  (:func:`llmcore.parallel.quantized_comm.quantized_all_reduce`, as in ZeRO++): the
+  chunks are summed in fp32 by the rank that owns them, so no sum is taken in 8 bits
+  and a quarter of fp32's traffic holds at any N;
 * top-k sparsification with error feedback (Stich et al. 2018, "Sparsified SGD with
   memory"): send the k largest entries and their indices, keep the rest for later;
 * PowerSGD (Vogels et al. 2019): a rank-r approximation P Q^T of each gradient
@@ -23,7 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ps
 
-from llmcore.parallel.comm import HookState, allreduce_hook
+from llmcore.parallel.comm import Comm, HookState, allreduce_hook
+from llmcore.parallel.quantized_comm import quantized_all_reduce
 
 
 def _done(t: torch.Tensor) -> torch.futures.Future:
@@ -69,6 +75,24 @@ def int8_hook(state: HookState, bucket) -> torch.futures.Future[torch.Tensor]:
     q = torch.round(buf / scale).clamp_(-127, 127).to(torch.int8)
     qs, scales = _all_gather(state, q), _all_gather(state, scale)  # (N, n), (N, 1)
     return _done(buf.copy_((qs.float() * scales).mean(0)))
+
+
+class QuantizedState(HookState):
+    def __init__(self, process_group=None, fmt: str = "int8", block: int = 128):
+        super().__init__(process_group)
+        self.fmt, self.block = fmt, block
+        self.comm = Comm(process_group)  # counts the codes and the scales
+
+
+def quantized_hook(state: QuantizedState, bucket) -> torch.futures.Future[torch.Tensor]:
+    """Average the bucket through 8-bit codes with a scale per ``state.block``
+    values: a quantised reduce-scatter (summed in fp32) and all-gather."""
+    before = sum(state.comm.stats.payload.values())
+    buf = bucket.buffer()
+    total = quantized_all_reduce(state.comm, buf, state.fmt, state.block)
+    state.calls += 1
+    state.bytes_sent += sum(state.comm.stats.payload.values()) - before
+    return _done(buf.copy_(total / state.world_size))
 
 
 # ------------------------------------------------------------------ top-k
@@ -220,8 +244,9 @@ def powersgd_hook(state: PowerSGDState, bucket) -> torch.futures.Future[torch.Te
 
 
 def make_hook(name: str, process_group=None, **kwargs):
-    """``(state, hook)`` for a scheme named allreduce, fp16, bf16, int8, topk,
-    powersgd, or torch_powersgd (PyTorch's own PowerSGD, for comparison)."""
+    """``(state, hook)`` for a scheme named allreduce, fp16, bf16, int8 (gathered),
+    quantized (8-bit all-reduce; ``fmt``, ``block``), topk, powersgd, or
+    torch_powersgd (PyTorch's own PowerSGD, for comparison)."""
     if name == "allreduce":
         return HookState(process_group), allreduce_hook
     if name in ("fp16", "bf16"):
@@ -229,6 +254,8 @@ def make_hook(name: str, process_group=None, **kwargs):
         return CastState(process_group, dtype), cast_hook
     if name == "int8":
         return HookState(process_group), int8_hook
+    if name == "quantized":
+        return QuantizedState(process_group, **kwargs), quantized_hook
     if name == "topk":
         return TopKState(process_group, **kwargs), topk_hook
     if name == "powersgd":
@@ -236,7 +263,7 @@ def make_hook(name: str, process_group=None, **kwargs):
     if name == "torch_powersgd":
         return ps.PowerSGDState(process_group, **kwargs), ps.powerSGD_hook
     raise ValueError(f"unknown compression {name!r}; use allreduce, fp16, bf16, int8, "
-                     "topk, powersgd or torch_powersgd")
+                     "quantized, topk, powersgd or torch_powersgd")
 
 
 def powersgd_payload(shapes, rank: int, min_compression_rate: float = 2.0) -> int:
