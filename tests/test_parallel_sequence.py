@@ -15,6 +15,8 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch
 from llmcore.parallel.activations import activation_bytes, saved_bytes
+from llmcore.parallel.comm import wire_bytes
+from llmcore.parallel.costmodel import tp_payload
 from llmcore.parallel.native import unfuse_qkv
 from llmcore.parallel.sequence_parallel import SequenceParallelBlock
 
@@ -33,7 +35,9 @@ def sp_block(rank, world_size):
     sp = SequenceParallelBlock(copy.deepcopy(block))
     mine = x.chunk(world_size, 1)[rank].clone().requires_grad_()
     nbytes, out = saved_bytes(sp, mine, exclude=list(sp.parameters()))
+    forward = dict(sp.comm.stats.payload)
     (out * w.chunk(world_size, 1)[rank]).sum().backward()
+    step = dict(sp.comm.stats.payload)
     sp.sync_grads()
     attn = block.self_attn
     q, k, v = attn.qkv_proj.weight.grad.chunk(3, 0)
@@ -47,7 +51,7 @@ def sp_block(rank, world_size):
              "x": (mine.grad, ref_x.grad.chunk(world_size, 1)[rank]),
              "out": (out.detach(), ref.detach().chunk(world_size, 1)[rank])}
     return {"gaps": {k: (a - b).abs().max().item() for k, (a, b) in grads.items()},
-            "saved": nbytes}
+            "saved": nbytes, "forward": forward, "step": step}
 
 
 @pytest.mark.distributed
@@ -57,6 +61,18 @@ def test_sequence_parallel_block_matches_one_device_and_the_formula():
         assert r["saved"] == activation_bytes(CFG, 2, 16, 4, tp=2,
                                               sequence_parallel=True)
         assert r["saved"] < activation_bytes(CFG, 2, 16, 4, tp=2)  # TP alone keeps more
+        # through Comm: forward, two all-gathers and two reduce-scatters of the whole
+        # (B, T, C), as many bytes on the wire as tensor parallelism's two all-reduces
+        act = 2 * 16 * 32 * 4
+        assert r["forward"] == {"all_gather": 2 * act, "reduce_scatter": 2 * act}
+        tp = tp_payload(2, 16, 32, 1, 32, vocab_parallel=False)["all_reduce"]
+        wire = {k: sum(wire_bytes(op, b, 2) for op, b in r[k].items())
+                for k in ("forward", "step")}
+        assert wire["forward"] == wire_bytes("all_reduce", tp / 2, 2)
+        # backward gathers each matmul's input again (it was not kept): 10 transfers
+        # of (B, T, C) where tensor parallelism has 8
+        assert r["step"] == {"all_gather": 6 * act, "reduce_scatter": 4 * act}
+        assert wire["step"] == 10 / 8 * wire_bytes("all_reduce", tp, 2)
 
 
 def against_dtensor(rank, world_size):
