@@ -119,6 +119,10 @@ MUTANTS = {
             ("torch.autograd.backward(outputs[(s, i)], inputs[(s + 1, i)].grad)",
              "outputs[(s, i)].sum().backward()"),                # wrong upstream grad
             ("total += loss.item()", "total = loss.item()")],
+        6: [("if len(waiting) > stage:", "if len(waiting) >= stage:"),  # one W early
+            ("waiting.pop(0)", "waiting.pop()"),                 # newest W first
+            ("return steps + [(\"W\", i) for i in waiting]", "return steps"),
+            ("if j + warm < n_micro:", "if j < n_micro:")],      # F past the end
     },
     "08-kv-cache": {
         1: [("query_pos = torch.arange(past, s).unsqueeze(1)",

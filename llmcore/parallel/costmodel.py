@@ -8,8 +8,8 @@ Closed-form counts for a GPT (``llmcore.models.gpt.GPTConfig``) trained with Ada
   ``llmcore.parallel.comm.Comm`` counts it, so the tests compare prediction and
   measurement byte for byte; :func:`llmcore.parallel.comm.wire_bytes` turns a payload
   into bytes on the wire for a ring;
-* the pipeline bubble (p - 1) / (m + p - 1) of GPipe and 1F1B (Huang et al. 2019;
-  Narayanan et al. 2021);
+* the pipeline bubble of each schedule of :mod:`llmcore.parallel.schedules` and the
+  micro-batches whose activations a stage holds at once;
 * memory per rank: the state plus the activations in flight
   (:mod:`llmcore.parallel.activations`).
 
@@ -65,17 +65,62 @@ def tp_payload(batch: int, seq: int, n_embd: int, n_layer: int, vocab_size: int,
 
 
 def pp_payload(batch: int, seq: int, n_embd: int, stage: int, n_stages: int,
-               act_bytes: int = 4) -> dict[str, float]:
-    """Pipeline: a stage sends its output activations forward (all micro-batches
-    together are the batch) and the gradient of its input backward."""
+               act_bytes: int = 4, chunks: int = 1) -> dict[str, float]:
+    """Pipeline: each of a rank's chunks (virtual stage c * p + stage) sends its
+    output activations forward unless it is the last, and the gradient of its input
+    backward unless it is the first; all micro-batches together are the batch."""
     act = batch * seq * n_embd * act_bytes
-    sent = act * (stage < n_stages - 1) + act * (stage > 0)
+    last = n_stages * chunks - 1
+    ks = [c * n_stages + stage for c in range(chunks)]
+    sent = act * (sum(k < last for k in ks) + sum(k > 0 for k in ks))
     return {"send": sent} if sent else {}
 
 
-def bubble_fraction(n_stages: int, n_micro: int) -> float:
-    """Idle fraction of a GPipe or 1F1B step: (p - 1) / (m + p - 1)."""
-    return (n_stages - 1) / (n_micro + n_stages - 1)
+def bubble_fraction(n_stages: int, n_micro: int, schedule: str = "1f1b",
+                    chunks: int = 1, t_f: float = 1.0, t_b: float = 2.0,
+                    t_w: float | None = None) -> float:
+    """Idle share of a pipeline step with equal stages and free messages.
+
+    GPipe and 1F1B: (p - 1) / (m + p - 1) (Huang et al. 2019); interleaved 1F1B
+    with v chunks per rank: (p - 1) / (v m + p - 1) (Narayanan et al. 2021);
+    sequential: (p - 1) / p. ZB-H1 (Qi et al. 2023), with ``t_b`` the whole backward
+    and ``t_w`` its weight-gradient part (default half), so that B takes
+    t_B = t_b - t_w: each stage idles (p - 1)(t_f + t_B - t_w) of a step that
+    computes m (t_f + t_b), as long as W is no longer than F and B (the paper's
+    case); past that the W's no longer fit the gaps and the idle time is
+    (p - 1) max(t_f + t_B - t_w, t_f, t_B), for m >= p.
+    """
+    p, m = n_stages, n_micro
+    if schedule in ("gpipe", "1f1b"):
+        return (p - 1) / (m + p - 1)
+    if schedule == "interleaved":
+        return (p - 1) / (chunks * m + p - 1)
+    if schedule == "sequential":
+        return (p - 1) / p
+    if schedule != "zbh1":
+        raise ValueError(f"bubble_fraction knows gpipe, 1f1b, interleaved, zbh1 and "
+                         f"sequential, not {schedule!r}")
+    if m < p:
+        raise ValueError(f"the ZB-H1 formula holds for n_micro >= n_stages, got "
+                         f"n_micro={m} and n_stages={p}")
+    t_w = t_b / 2 if t_w is None else t_w
+    t_in = t_b - t_w  # B: the input gradient
+    idle = (p - 1) * max(t_f + t_in - t_w, t_f, t_in)
+    return idle / (m * (t_f + t_b) + idle)
+
+
+def in_flight_bound(n_stages: int, n_micro: int, stage: int, schedule: str = "1f1b",
+                    chunks: int = 1) -> float:
+    """Micro-batches whose activations stage ``stage`` holds at most (a chunk's
+    counting 1/chunks): GPipe m; 1F1B min(p - s, m); ZB-H1 min(p, m), its W's held
+    back on the later stages; interleaved ((v - 1) p + 2 (p - s) - 1) / v chunks'
+    worth, at most m; sequential 1."""
+    p, m, s, v = n_stages, n_micro, stage, chunks
+    bounds = {"gpipe": m, "1f1b": min(p - s, m), "zbh1": min(p, m), "sequential": 1,
+              "interleaved": min((v - 1) * p + 2 * (p - s) - 1, v * m) / v}
+    if schedule not in bounds:
+        raise ValueError(f"unknown schedule {schedule!r}; choose from {list(bounds)}")
+    return bounds[schedule]
 
 
 @dataclass(frozen=True)
@@ -87,11 +132,19 @@ class Plan:
     pp: int = 1  # pipeline stages: each holds n_layer/pp blocks
     zero: int = 0  # ZeRO stage within the dp group (0 = plain data parallel)
     micro_batches: int = 1  # per step, for the pipeline bubble
+    schedule: str = "1f1b"  # pipeline schedule: gpipe, 1f1b, interleaved or zbh1
+    chunks: int = 1  # model chunks per pipeline rank (interleaved 1F1B)
 
     def __post_init__(self):
-        check_fields(self, "dp", "tp", "pp", "micro_batches", integer=True, above=0)
+        check_fields(self, "dp", "tp", "pp", "micro_batches", "chunks", integer=True,
+                     above=0)
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"Plan.zero must be 0-3, got {self.zero!r}")
+        if self.schedule not in ("gpipe", "1f1b", "interleaved", "zbh1"):
+            raise ValueError(f"Plan.schedule must be gpipe, 1f1b, interleaved or "
+                             f"zbh1, got {self.schedule!r}")
+        if self.chunks > 1 and self.schedule != "interleaved":
+            raise ValueError(f"Plan.chunks={self.chunks} needs schedule='interleaved'")
 
     @property
     def world_size(self) -> int:
@@ -121,18 +174,21 @@ def estimate(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2) -> dict:
         "pp": sum(wire_bytes(op, b, 2) for op, b in pp.items()),
     }
     return {"params": n, "state_bytes": state, "wire_bytes": wire,
-            "bubble": bubble_fraction(plan.pp, plan.micro_batches)}
+            "bubble": bubble_fraction(plan.pp, plan.micro_batches, plan.schedule,
+                                      plan.chunks) if plan.pp > 1 else 0.0}
 
 
 def memory_per_rank(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2,
                     checkpoint_every: int = 0) -> dict:
     """Bytes per rank: training state (mixed-precision Adam, sharded by the plan) and
-    the activations of the micro-batches in flight (1F1B holds up to ``pp`` on its
-    first stage), with tensor parallelism splitting what lies between its matmuls."""
+    the activations of the micro-batches in flight on the first pipeline stage (the
+    one that holds most, :func:`in_flight_bound`), with tensor parallelism splitting
+    what lies between its matmuls."""
     state = estimate(cfg, plan, batch, seq, act_bytes)["state_bytes"]
     micro = batch // (plan.dp * plan.micro_batches)
     local = replace(cfg, n_layer=max(1, cfg.n_layer // plan.pp))
-    in_flight = min(plan.pp, plan.micro_batches) if plan.pp > 1 else 1
+    in_flight = in_flight_bound(plan.pp, plan.micro_batches, 0, plan.schedule,
+                                plan.chunks) if plan.pp > 1 else 1
     acts = in_flight * activation_bytes(local, micro, seq, act_bytes, checkpoint_every,
                                         tp=plan.tp)
     return {"state": state, "activations": acts, "total": state + acts}

@@ -1,23 +1,24 @@
 """Pipeline parallelism: consecutive blocks on consecutive ranks, micro-batches flowing.
 
-A GPT is cut into p stages; stage s sends its output activations to stage s + 1 and
+A GPT is cut into stages; stage s sends its output activations to stage s + 1 and
 receives the gradient of them back. With one batch only one stage works at a time, so
-the batch is cut into m micro-batches:
+the batch is cut into m micro-batches, and a *schedule*
+(:mod:`llmcore.parallel.schedules`: GPipe, 1F1B, interleaved 1F1B, ZB-H1) says in
+which order each rank runs their forwards and backwards. :func:`run_pipeline` plays
+one rank's schedule for real: receive, compute, send.
 
-* GPipe (Huang et al. 2019): every stage runs all m forwards, then all m backwards;
-  it keeps the activations of all m micro-batches;
-* 1F1B (Narayanan et al. 2021, PipeDream-Flush): after p - s - 1 warm-up forwards a
-  stage alternates one forward and one backward, keeping at most p - s in flight.
-
-Both leave each stage idle for the same share of the step, the *bubble*
-(p - 1) / (m + p - 1). Sends do not block, and a send followed by a receive from
-the same neighbour travels with it as one batch, so two neighbours that both send
-never wait on each other (NCCL would); receives block.
+Sends and receives do not block: each rank posts them in the order
+:func:`llmcore.parallel.schedules.with_comms` gives, the same on both ends of every
+pair of ranks, and waits for a received tensor only where it computes with it.
+Nothing waits for the device unless a ``clock`` is given to time the actions: the
+overlap of stages is what a pipeline is for.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ from torch import nn
 
 from llmcore.nn.loss import lm_loss
 from llmcore.parallel.comm import Comm
+from llmcore.parallel.schedules import make_plan, with_comms
+from llmcore.parallel.split_backward import WeightGradStore
 
 
 class GPTStage(nn.Module):
@@ -57,168 +60,110 @@ class GPTStage(nn.Module):
         return x
 
 
-# ------------------------------------------------- schedules
-
-
-def gpipe(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
-    """All forwards, then all backwards."""
-    return [("F", i) for i in range(n_micro)] + [("B", i) for i in range(n_micro)]
-
-
-def one_f_one_b(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
-    """p - s - 1 warm-up forwards, then one forward / one backward, then cool-down."""
-    warm = min(n_stages - stage - 1, n_micro)
-    sched = [("F", i) for i in range(warm)]
-    for i in range(warm, n_micro):
-        sched += [("F", i), ("B", i - warm)]
-    return sched + [("B", i) for i in range(n_micro - warm, n_micro)]
-
-
-def sequential(stage: int, n_stages: int, n_micro: int) -> list[tuple[str, int]]:
-    """No pipelining: each micro-batch's forward and backward before the next one;
-    the baseline whose bubble is (p - 1) / p whatever m is."""
-    return [step for i in range(n_micro) for step in (("F", i), ("B", i))]
-
-
-SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b, "sequential": sequential}
-
-
-def simulate(schedule: str, n_stages: int, n_micro: int, t_f: float = 1.0,
-             t_b: float = 2.0) -> list[dict]:
-    """Events of an ideal run (forward t_f, backward t_b, free communication)."""
-    plans = [SCHEDULES[schedule](s, n_stages, n_micro) for s in range(n_stages)]
-    done: dict[tuple, float] = {}
-    free, pos, events = [0.0] * n_stages, [0] * n_stages, []
-    while any(pos[s] < len(plans[s]) for s in range(n_stages)):
-        for s in range(n_stages):
-            if pos[s] == len(plans[s]):
-                continue
-            kind, mb = plans[s][pos[s]]
-            dep = (("F", s - 1, mb) if s > 0 else None) if kind == "F" else \
-                (("B", s + 1, mb) if s < n_stages - 1 else ("F", s, mb))
-            if dep is not None and dep not in done:
-                continue  # waits for a neighbour
-            start = max(free[s], done.get(dep, 0.0))
-            end = start + (t_f if kind == "F" else t_b)
-            done[(kind, s, mb)] = free[s] = end
-            events.append({"stage": s, "kind": kind, "mb": mb, "start": start,
-                           "end": end})
-            pos[s] += 1
-    return events
-
-
-def bubble(events: list[dict]) -> float:
-    """Share of stage-time spent idle between the first start and the last end."""
-    stages = {e["stage"] for e in events}
-    span = max(e["end"] for e in events) - min(e["start"] for e in events)
-    busy = sum(e["end"] - e["start"] for e in events)
-    return 1 - busy / (len(stages) * span)
-
-
 # ------------------------------------------------- running a schedule
 
 
-def run_pipeline(stage_mod: GPTStage, schedule: str, comm: Comm, x, y, n_micro: int,
-                 act_shape: tuple[int, ...]) -> dict:
-    """One training step (forward and backward of all micro-batches) of this stage.
+def run_pipeline(stages: nn.Module | list[nn.Module], schedule: str, comm: Comm,
+                 x, y, n_micro: int, act_shape: tuple[int, ...], *,
+                 weight_grads: WeightGradStore | None = None,
+                 clock: Callable[[], float] | None = None) -> dict:
+    """One training step (forward and backward of all micro-batches) of this rank.
 
-    ``x``, ``y``: the whole batch (only the first stage reads x, the last y);
-    ``act_shape``: (micro-batch, T, C), the activations between stages.
-    Returns the loss (last stage), timed compute events, and the largest number of
-    micro-batches whose activations were held at once.
+    ``stages``: this rank's stage, or its chunks (virtual stages c * p + rank, for
+    interleaved 1F1B); ``schedule``: a key of
+    :data:`llmcore.parallel.schedules.SCHEDULES`; ``x``, ``y``: the whole batch (only
+    the first stage reads x, the last y); ``act_shape``: (micro-batch, T, C), the
+    activations between stages; ``weight_grads``: the store of
+    :func:`llmcore.parallel.split_backward.defer_weight_grads`, needed by a schedule
+    that splits the backward (ZB-H1); ``clock``: if given (:func:`device_clock`),
+    every computing action is timed with it; without it nothing waits for the device.
+
+    Returns the loss (a tensor on the device, 0 but on the last stage), the timed
+    events (with a clock), and the most micro-batches (in chunks) whose activations
+    were held at once.
     """
-    s, p = comm.rank, comm.world_size
-    plan = SCHEDULES[schedule](s, p, n_micro)
+    chunks = list(stages) if isinstance(stages, (list, tuple, nn.ModuleList)) \
+        else [stages]
+    r, p, v = comm.rank, comm.world_size, len(chunks)
+    if p == 1 and v > 1:
+        raise ValueError("several chunks on one rank would send to itself: "
+                         "interleave over at least 2 ranks")
+    plans = [make_plan(schedule, s, p, n_micro, v) for s in range(p)]
+    split = any(a.kind == "W" for a in plans[r])
+    if split and weight_grads is None:
+        raise ValueError(f"schedule {schedule!r} splits the backward into B and W: "
+                         "pass weight_grads=defer_weight_grads(stage)")
+    last = p * v - 1  # the virtual stage that computes the loss
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
-    inputs, outputs, events = {}, {}, []
-    p2p = _P2P(comm)
-    param = next(stage_mod.parameters())
+    param = next(chunks[0].parameters())
     dt = param.dtype  # activations travel in the model dtype
+    inputs, outputs, input_grads, received = {}, {}, {}, {}
+    held, sends, events = set(), [], []
     loss, peak = torch.zeros((), device=param.device), 0
-    dist.barrier(group=comm.group)  # start together (under NCCL: connect first)
-    for i, (kind, mb) in enumerate(plan):
-        if kind == "F":
-            inp = xs[mb] if s == 0 else \
-                p2p.recv(x.new_empty(act_shape, dtype=dt, device=param.device), s - 1)
-            inp.requires_grad_(s > 0)
-            start = _clock(param)
-            out = stage_mod(inp)
-            if s == p - 1:
-                out = lm_loss(out, ys[mb]) / n_micro  # the mean over micro-batches
+    if clock is not None:
+        dist.barrier(group=comm.group)  # start together: one time axis for all
+    for a in with_comms(plans, v)[r]:
+        key = (a.mb, a.chunk)
+        if a.kind.startswith("RECV"):  # posted early; waited for where it is used
+            buf = torch.empty(act_shape, dtype=dt, device=param.device)
+            peer = (r - 1) % p if a.kind == "RECV_F" else (r + 1) % p
+            received[a.kind, key] = (buf, dist.irecv(buf, comm.global_rank(peer),
+                                                     group=comm.group))
+            continue
+        if a.kind.startswith("SEND"):
+            t = outputs[key] if a.kind == "SEND_F" else input_grads.pop(key)
+            t = t.detach().contiguous()
+            peer = (r + 1) % p if a.kind == "SEND_F" else (r - 1) % p
+            comm.stats.record("send", t.numel() * t.element_size())
+            sends.append((t, dist.isend(t, comm.global_rank(peer), group=comm.group)))
+            continue
+        k = a.chunk * p + r
+        if a.kind == "F":
+            inp = xs[a.mb] if k == 0 else _wait(received.pop(("RECV_F", key)))
+            inp.requires_grad_(k > 0)
+            start = clock() if clock else 0.0
+            out = chunks[a.chunk](inp)
+            if k == last:
+                out = lm_loss(out, ys[a.mb]) / n_micro  # the mean over micro-batches
                 loss += out.detach()
-            inputs[mb], outputs[mb] = inp, out
-            peak = max(peak, len(outputs))
-        else:
-            out, inp = outputs.pop(mb), inputs.pop(mb)
-            grad = None if s == p - 1 else p2p.recv(out.new_empty(act_shape), s + 1)
-            start = _clock(param)
-            out.backward(grad)
-        events.append({"stage": s, "kind": kind, "mb": mb, "start": start,
-                       "end": _clock(param)})
-        after = plan[i + 1] if i + 1 < len(plan) else None
-        if kind == "F" and s < p - 1:
-            p2p.send(out.detach(), s + 1, _source(after, s, p))
-        if kind == "B" and s > 0:
-            p2p.send(inp.grad, s - 1, _source(after, s, p))
-    p2p.finish()
-    return {"loss": loss.item(), "events": events, "peak_in_flight": peak}
+            inputs[key], outputs[key] = inp, out
+            held.add(key)
+        elif a.kind == "B":
+            grad = None if k == last else _wait(received.pop(("RECV_B", key)))
+            start = clock() if clock else 0.0
+            with weight_grads.capture(key) if split else contextlib.nullcontext():
+                outputs.pop(key).backward(grad)
+            input_grads[key] = inputs.pop(key).grad  # for the previous stage
+            if not split:
+                held.discard(key)
+        else:  # W: the weight gradients B left waiting
+            start = clock() if clock else 0.0
+            weight_grads.run(key)
+            held.discard(key)
+        peak = max(peak, len(held))
+        if clock is not None:
+            events.append({"stage": r, "kind": a.kind, "mb": a.mb, "chunk": a.chunk,
+                           "start": start, "end": clock()})
+    for _, work in sends:  # the tensors stay referenced until they have left
+        work.wait()
+    return {"loss": loss, "events": events, "peak_in_flight": peak}
 
 
-def _clock(param: torch.Tensor) -> float:
-    """The time now, after the GPU has finished what was queued (CUDA runs
-    asynchronously: without the wait an event would time only the launch)."""
-    if param.is_cuda:
-        torch.cuda.synchronize(param.device)
-    return time.perf_counter()
+def _wait(received: tuple[torch.Tensor, object]) -> torch.Tensor:
+    buf, work = received
+    work.wait()
+    return buf
 
 
-def _source(step, s: int, p: int) -> int | None:
-    """The stage that ``step`` of stage ``s`` receives from (None: no receive)."""
-    if step is None:
-        return None
-    kind, _ = step
-    if kind == "F":
-        return s - 1 if s > 0 else None
-    return s + 1 if s < p - 1 else None
-
-
-class _P2P:
-    """Sends and receives of one stage. A send whose next step receives from the
-    same neighbour travels with that receive as one batch (Megatron's
-    send_forward_recv_backward): in 1F1B both neighbours send, then receive, and
-    under NCCL two blocking sends towards each other would wait forever."""
-
-    def __init__(self, comm: Comm):
-        self.comm = comm
-        self.held: list[dist.P2POp] = []  # sends waiting for the next receive
-        self.works: list = []
-        self.sent: list[torch.Tensor] = []  # kept alive until the sends complete
-
-    def _op(self, fn, t: torch.Tensor, peer: int) -> dist.P2POp:
-        return dist.P2POp(fn, t, self.comm.global_rank(peer), self.comm.group)
-
-    def send(self, t: torch.Tensor, dst: int, next_source: int | None) -> None:
-        t = t.contiguous()
-        self.comm.stats.record("send", t.numel() * t.element_size())
-        self.sent.append(t)
-        self.held.append(self._op(dist.isend, t, dst))
-        if next_source != dst:
-            self.works += dist.batch_isend_irecv(self.held)
-            self.held = []
-
-    def recv(self, t: torch.Tensor, src: int) -> torch.Tensor:
-        works = dist.batch_isend_irecv(self.held + [self._op(dist.irecv, t, src)])
-        self.held = []
-        self.works += works[:-1]
-        works[-1].wait()
-        return t
-
-    def finish(self) -> None:
-        if self.held:
-            self.works += dist.batch_isend_irecv(self.held)
-        for work in self.works:
-            work.wait()
-        self.held, self.works, self.sent = [], [], []
+def device_clock(device: torch.device) -> Callable[[], float]:
+    """A clock for :func:`run_pipeline`: the time once ``device`` has finished what
+    was queued (CUDA runs asynchronously: without the wait an action would time only
+    its launch). It removes the overlap it measures; use it to draw timelines."""
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+    return now
 
 
 def sync_tied_grads(model: nn.Module, comm: Comm) -> None:

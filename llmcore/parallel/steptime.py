@@ -10,9 +10,11 @@ The byte counts of :mod:`llmcore.parallel.costmodel` become seconds with three m
   ``steps * alpha + wire_bytes / bandwidth``, where all-reduce has 2(n-1) steps and
   moves 2(n-1)/n of the payload, all-gather and reduce-scatter (n-1) steps and
   (n-1)/n, a send one step and the whole message (Patarasuk & Yuan 2009);
-* the pipeline: (m + p - 1) slots of one micro-batch's forward and backward for 1F1B
-  or GPipe (Narayanan et al. 2021), and overlap: bucketed all-reduce behind backward
-  (Li et al. 2020), FSDP's prefetched all-gathers behind the blocks' compute.
+* the pipeline: m slots of one micro-batch's forward and backward plus the idle
+  time of the plan's schedule (:func:`llmcore.parallel.costmodel.bubble_fraction`:
+  (p - 1) slots for 1F1B or GPipe, Narayanan et al. 2021), and overlap: bucketed
+  all-reduce behind backward (Li et al. 2020), FSDP's prefetched all-gathers behind
+  the blocks' compute.
 
 Processes sharing fewer cores than there are ranks (``Device.cores``) each get
 ``cores / ranks`` of the compute rate: the oversubscription of a small machine.
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 from llmcore.accounting import flops_per_token, gpt_param_count
 from llmcore.config import check_fields
 from llmcore.parallel.comm import wire_bytes
-from llmcore.parallel.costmodel import Plan, tp_payload, zero_payload
+from llmcore.parallel.costmodel import (Plan, bubble_fraction, tp_payload,
+                                        zero_payload)
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "send")
 
@@ -116,11 +119,11 @@ def step_time(cfg, plan: Plan, batch: int, seq: int, cluster: Cluster, *,
     """Seconds of one training step of ``plan`` and their parts.
 
     ``batch`` is the global batch (sequences of ``seq`` tokens). Pipeline plans run
-    ``plan.micro_batches`` micro-batches with 1F1B. ``dp_messages``: calls per
-    collective of the data-parallel traffic: by default one per gradient bucket of
-    ``bucket_mb`` (DDP) and one per block for ZeRO (FSDP's units); a per-tensor
-    implementation passes its tensor count. ``prefetch``: ZeRO-3 gathers the next
-    unit while the current one computes.
+    ``plan.micro_batches`` micro-batches with ``plan.schedule``. ``dp_messages``:
+    calls per collective of the data-parallel traffic: by default one per gradient
+    bucket of ``bucket_mb`` (DDP) and one per block for ZeRO (FSDP's units); a
+    per-tensor implementation passes its tensor count. ``prefetch``: ZeRO-3 gathers
+    the next unit while the current one computes.
     """
     dev, tp, pp, dp, m = cluster.device, plan.tp, plan.pp, plan.dp, plan.micro_batches
     if batch % (dp * m):
@@ -141,13 +144,15 @@ def step_time(cfg, plan: Plan, batch: int, seq: int, cluster: Cluster, *,
         msgs = {"all_reduce": 4 * layers + 2 * vocab_parallel, "all_gather": 1}
         t_tp = _sum(tp_lk, ops, tp, msgs)
     t_pp = 0.0
-    if pp > 1:  # an activation forward and its gradient back, per micro-batch
-        act = mb * seq * cfg.n_embd * act_bytes
-        t_pp = 2 * cluster.links(tp * pp)["send"].time("send", act, 2)
+    if pp > 1:  # an activation forward and its gradient back, per micro-batch and
+        act = mb * seq * cfg.n_embd * act_bytes  # chunk (interleaving sends more)
+        t_pp = 2 * plan.chunks * cluster.links(tp * pp)["send"].time("send", act, 2)
     slot = t_mb + t_tp + t_pp
-    compute_slots = m + pp - 1 if pp > 1 else m
-    busy = compute_slots * slot
-    bubble = (pp - 1) * slot if pp > 1 else 0.0
+    bubble = 0.0
+    if pp > 1:  # idle / busy = f / (1 - f) for the schedule's bubble fraction f
+        f = bubble_fraction(pp, m, plan.schedule, plan.chunks)
+        bubble = f / (1 - f) * m * slot
+    busy = m * slot + bubble
     if pp > 1:  # first and last stage share the tied embedding: sum its gradients
         busy += cluster.links(tp * pp)["all_reduce"].time(
             "all_reduce", cfg.vocab_size * cfg.n_embd / tp * grad_bytes, 2)
