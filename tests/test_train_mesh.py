@@ -15,12 +15,13 @@ import torch.nn.functional as F
 import llmcore.train.sharded as sharded
 from llmcore.config import override
 from llmcore.data import get_batch
+from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.launch import free_port
-from llmcore.parallel.native import DistInfo
+from llmcore.parallel.launch import launch as spawn
+from llmcore.parallel.native import DistInfo, full_state, parallelize_gpt
 from llmcore.runtime import setup
-from llmcore.train import read_checkpoint
+from llmcore.train import TrainConfig, read_checkpoint, train
 from llmcore.train import run as run_module
-from llmcore.train import train
 from llmcore.train.__main__ import main, parse_args
 from llmcore.train.run import PRESETS, build_data, build_model
 
@@ -181,3 +182,57 @@ def test_mesh_without_torchrun_names_torchrun():
                                          "with `torchrun --nproc_per_node 2"):
         main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "1",
               "--tp", "2", "--no-progress", "--out", "/nonexistent/x"])
+
+
+# Every layout resumes every other: one launch of 4 processes trains a step or two on
+# each of its layouts, each continuing the checkpoint the last one wrote; one launch of 2
+# processes goes on from there on its layouts (the crash this guards against: a run
+# saved with FSDP resumed tensor parallel). One process continues a 2-process run
+# through the command line above (test_mesh_run_resumes_on_fewer_processes).
+SMALL = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
+TOKENS = torch.randint(32, (2000,), generator=torch.Generator().manual_seed(3))
+LAYOUTS = {4: [(2, 2, 2), (4, 1, 3), (1, 4, 4)], 2: [(2, 1, 5), (1, 2, 6)]}
+STEPS = TrainConfig(max_steps=6, lr=1e-2, warmup_steps=2, progress=False,
+                    log_interval=1)
+
+
+def sample(g):
+    return get_batch(TOKENS, 4, 8, g)  # the global batch: 4 rows on any layout
+
+
+def train_layouts(rank, world_size, path, layouts):
+    """(dp, tp, stop_at) in turn on the same processes, each resuming ``path``;
+    the whole weights at the end and the steps each layout ran."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    ran = []
+    for dp, tp, stop in layouts:
+        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("dp", "tp"))
+        torch.manual_seed(0)
+        model = parallelize_gpt(GPT(SMALL), mesh, param_dtype=None)
+        dp_rank = mesh["dp"].get_local_rank()
+        batches = sharded.global_batches(sample, 0, dp_rank, dp)
+        history = train(model, batches, STEPS, ckpt_path=path, resume=True,
+                        stop_at=stop, dp_group=mesh["dp"].get_group() if dp > 1
+                        else None)
+        ran.append(history.step[-1] + 1)
+    return {k: v.clone() for k, v in full_state(model).items()}, ran
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_every_layout_resumes_every_other(tmp_path):
+    torch.manual_seed(0)
+    model, reference = GPT(SMALL), {}
+
+    def keep(done, *_):
+        if done in (4, 6):
+            reference[done] = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, sharded.global_batches(sample, 0, 0, 1), STEPS, on_step=keep)
+    path = tmp_path / "ckpt.dcp"
+    for world, layouts in LAYOUTS.items():
+        state, ran = spawn(train_layouts, world, path, layouts)[0]
+        assert ran == [stop for *_, stop in layouts]
+        for name, t in state.items():  # every hop continued the same run
+            torch.testing.assert_close(t, reference[ran[-1]][name], rtol=1e-3,
+                                       atol=1e-4, msg=name)
