@@ -209,7 +209,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
           ckpt_path: str | Path | None = None, resume: bool = False,
           start_from: dict | None = None, stop_at: int | None = None,
           dp_group: Any = None, meta: dict | None = None,
-          on_step: Callable[[int], None] | None = None) -> History:
+          on_step: Callable[[int, History], None] | None = None) -> History:
     """Train ``model`` in place for ``cfg.max_steps`` updates; return the history.
 
     ``batch_fn(step, generator)`` returns one micro-batch (called ``grad_accum`` times
@@ -223,7 +223,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
     shards. ``stop_at`` ends the run after that many updates (schedule unchanged).
     ``dp_group``: the data-parallel group over which the token count weighting the
     gradients is summed. ``meta``: plain data stored in the checkpoint.
-    ``on_step(updates_done)`` is called after every update.
+    ``on_step(updates_done, history)`` is called after every update, before the
+    numbers of that update are read (``history`` holds the steps read so far).
     """
     device = next(model.parameters()).device
     ckpt = sharded if any_dtensor(model) else whole_file
@@ -311,19 +312,19 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                 lr = scheduler.get_last_lr()[0]
                 tokens = sum(count_tokens(b) for b in batches)
                 loss, grad_norm = update(batches)
-                # Fetch the next batches while the device works on this step; not
                 # A stop is decided before the next batches are drawn, so that its
                 # checkpoint holds the generator's state for the next step.
                 signum = stop_requested(flag, collective) if (
                     ckpt_path is not None and done < end and (
                         not collective or saving or done % cfg.log_interval == 0)) \
                     else None
+                # Fetch the next batches while the device works on this step; not
                 # past a checkpoint, so that it saves the RNG state of the next step.
                 batches = fetch(done) if done < end and not saving and signum is None \
                     else None
                 pending.add(step, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
                 if on_step is not None:
-                    on_step(done)
+                    on_step(done, history)
                 evaluating = val_batch_fn is not None and (
                     done == cfg.max_steps or (cfg.eval_interval
                                               and done % cfg.eval_interval == 0))
