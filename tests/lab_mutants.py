@@ -193,4 +193,21 @@ MUTANTS = {
             ("        adam /= world\n",
              "        adam /= world\n        weights /= world\n")],
     },
+    "12-mixture-of-experts": {
+        1: [("    for j in range(k):  # every token's first choice, then every second "
+             "choice\n        for s in range(S):",
+             "    for s in range(S):  # token by token\n        for j in range(k):"),
+            ("keep = slot < capacity", "keep = slot <= capacity"),     # off by one
+            ("probs.topk(k, dim=-1).indices", "probs.argsort(dim=-1)[:, :k]")],
+        2: [("/ expert.numel()", "/ S"),                          # k times too large
+            ("return E * (f * P).sum()", "return (f * P).sum()"),
+            ("P = probs.mean(dim=0)", "P = probs.detach().mean(dim=0)")],  # no grad
+        3: [("torch.sign(load.mean() - load)", "torch.sign(load - load.mean())"),
+            ("rate * torch.sign(load.mean() - load)", "rate * (load.mean() - load)")],
+        4: [("((expert == e) & keep)", "(expert == e)"),          # drops ignored
+            ("probs[tokens, e, None] * ffn(x[tokens])", "ffn(x[tokens])"),  # no gate
+            (".softmax(dim=-1)  # (S, E)", ".softmax(dim=0)  # (S, E)")],
+        5: [("sent[src].chunk(n)[dst] for src", "sent[dst].chunk(n)[src] for src"),
+            ("for src in range(n)]", "for src in reversed(range(n))]")],
+    },
 }
