@@ -1,10 +1,14 @@
 """What every parallel experiment shares: the demo GPT, its data, one-process
-references and a way to compare weights."""
+references, a way to compare weights, and the code of an exercise's printed
+solution (so that a chapter can check its own answers)."""
 
 from __future__ import annotations
 
+import re
+import textwrap
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -149,3 +153,20 @@ def time_step(model_fn, x, y, device, repeats: int = 3) -> dict:
             best = min(best, time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated(device) if cuda else 0
     return {"ms": best * 1e3, "peak_bytes": peak, "device": str(device)}
+
+
+def solution_code(page: str | Path, label: str) -> str:
+    """The code printed in the ``{solution}`` of exercise ``label`` on ``page`` (its
+    lines indented by four spaces), ready to run: a chapter runs it in a hidden cell
+    and then its check, so every check passes on the answer the book prints."""
+    text = Path(page).read_text(encoding="utf-8")
+    match = re.search(r"^(`{3,})\{solution\} " + re.escape(label) + r"\n(.*?)^\1\s*$",
+                      text, re.MULTILINE | re.DOTALL)
+    if match is None:
+        raise ValueError(f"no solution {label!r} in {page}")
+    lines = [ln for ln in match.group(2).splitlines()
+             if ln.startswith("    ") or not ln.strip()]
+    code = textwrap.dedent("\n".join(lines)).strip()
+    if not code:
+        raise ValueError(f"the solution {label!r} in {page} prints no code")
+    return code + "\n"

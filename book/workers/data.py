@@ -107,12 +107,13 @@ def with_error(hook, errors: list):
 
 def dp_sweep(rank: int, world_size: int, model_fn, data, lr: float,
              bucket_cap_mb: float = 25.0) -> dict:
-    """Naive, bucketed and DDP training, and bucketed with 2 micro-batches per rank."""
+    """Naive, bucketed and DDP training with buckets of ``bucket_cap_mb``, and
+    bucketed with DDP's default 25 MB buckets and 2 micro-batches per rank."""
     runs = {kind: train_worker(rank, world_size, model_fn, kind, data, lr,
                                bucket_cap_mb=bucket_cap_mb)
             for kind in ("naive", "bucketed", "ddp")}
     runs["accumulate"] = train_worker(rank, world_size, model_fn, "bucketed", data, lr,
-                                      accumulate=2, bucket_cap_mb=bucket_cap_mb)
+                                      accumulate=2)
     return runs
 
 
@@ -179,3 +180,26 @@ def ring_worker(rank: int, world_size: int, numel: int = 12, seed: int = 0) -> d
     log: list = []
     ring_all_reduce(torch.full((numel,), 2.0 ** rank, dtype=torch.float64), comm, log)
     return {"gap": (x - exact).abs().max().item(), "sent": sent, "log": log}
+
+
+def plot_ring(log_per_rank: list[list[dict]], axes) -> None:
+    """One panel per step of :func:`ring_all_reduce`'s logs (input 2**rank): rows
+    are ranks, columns chunks, each cell the number of ranks whose values it holds
+    (a sum of distinct powers of two: count the ones); the chunk each rank just
+    received is outlined, with the rank it came from."""
+    n = len(log_per_rank)
+    for i, ax in enumerate(axes):
+        grid = [[bin(int(v)).count("1") for v in log[i]["chunks"]]
+                for log in log_per_rank]
+        ax.imshow(grid, cmap="Blues", vmin=0, vmax=n + 1)
+        for r, log in enumerate(log_per_rank):
+            e = log[i]
+            for c, k in enumerate(grid[r]):
+                ax.text(c, r, str(k), ha="center", va="center", fontsize=8)
+            c = e["received"]  # outline its cell
+            ax.plot([c - .45, c + .45, c + .45, c - .45, c - .45],
+                     [r - .45, r - .45, r + .45, r + .45, r - .45], "r-", lw=1.5)
+        e = log_per_rank[0][i]
+        ax.set_title(f"{e['phase']} {e['step'] + 1}", fontsize=8)
+        ax.set_xticks(range(n), [f"c{c}" for c in range(n)], fontsize=7)
+        ax.set_yticks(range(n), [f"rank {r}" for r in range(n)], fontsize=7)

@@ -7,7 +7,8 @@ for the device; the end of backward is when the host saw the last gradient, and 
 all-reduce ends when a CUDA event queued behind it on the GPU fires.
 
 * :func:`dp_timeline_worker`: a step of :class:`BucketedDataParallel` with each
-  bucket's all-reduce timed from launch to completion, beside forward and backward;
+  bucket's all-reduce timed from launch to completion, beside forward and backward
+  (:func:`dp_timelines`: for several bucket caps in one launch);
 * the 1F1B pipeline records its own compute events
   (:func:`llmcore.parallel.pipeline.run_pipeline`); :func:`plot_schedule` draws both.
 """
@@ -85,6 +86,12 @@ def dp_timeline_worker(rank: int, world_size: int, model_fn, x, y,
               {"kind": "backward", "start": t1, "end": last_grad[0]},
               {"kind": "wait", "start": last_grad[0], "end": t2}] + state.events
     return {"events": events, "buckets": len(dp.buckets), "rank": rank}
+
+
+def dp_timelines(rank: int, world_size: int, model_fn, x, y, caps: dict) -> dict:
+    """:func:`dp_timeline_worker` for every bucket cap of ``caps`` {label: MB}."""
+    return {label: dp_timeline_worker(rank, world_size, model_fn, x, y, cap)
+            for label, cap in caps.items()}
 
 
 def _clock(device: torch.device) -> float:
