@@ -16,12 +16,13 @@ scaled by 1/sqrt(2 n_layer), so that the residual's variance does not grow with 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from llmcore.config import check_fields
+from llmcore.models import hf
 from llmcore.nn import GPTBlock, KVCache, LearnedPositionalEmbedding, make_norm
 from llmcore.nn.loss import lm_loss
 from llmcore.nn.moe import MoE, MoEConfig
@@ -150,3 +151,22 @@ class GPT(nn.Module):
             aux = sum(block.ffn.aux_loss for block in self.blocks)
             loss = loss + self.config.moe.aux_loss_coef * aux
         return logits, loss
+
+    @classmethod
+    def from_hf(cls, source, config=None) -> "GPT":
+        """The GPT with the weights of a Hugging Face ``GPT2LMHeadModel``, or of its
+        state dict (``config``: its ``GPT2Config``); see :mod:`llmcore.models.hf`."""
+        fields, state = hf.from_hf(source, config)
+        model = cls(GPTConfig(**fields))
+        model.load_state_dict(state)
+        return model
+
+    def to_hf(self):
+        """A ``transformers`` ``GPT2LMHeadModel`` with this model's weights."""
+        return hf.to_hf(asdict(self.config), self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, name: str = "gpt2") -> "GPT":
+        """GPT-2's released weights ("gpt2": 124M parameters, "gpt2-medium",
+        "gpt2-large", "gpt2-xl"), downloaded through ``transformers`` (online)."""
+        return cls.from_hf(hf.download(name))

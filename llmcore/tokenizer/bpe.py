@@ -19,8 +19,9 @@ is merged through a heap, so its cost grows as n log n rather than n squared.
 
 Public API::
 
-    BPETokenizer(merges, special_tokens=(), pattern=PRETOKEN_PATTERN)
+    BPETokenizer(merges, special_tokens=(), pattern=PRETOKEN_PATTERN, ids=None)
     BPETokenizer.train(text, vocab_size, special_tokens=())  # classmethod, -> tokenizer
+                                        # text: a str or an iterable of str pieces
     tok.encode(text, allow_special=True) -> list[int]
     tok.decode(ids) -> str              # invalid UTF-8 (a cut character) becomes U+FFFD
     tok.decode_bytes(ids) -> bytes; tok.token_bytes(id) -> bytes  # what ids stand for
@@ -30,6 +31,9 @@ Public API::
 
 Ids: 0-255 are the bytes, 256 + k is the k-th merge, the special tokens come last.
 ``vocab_size`` in ``train`` counts all three (fewer merges only if pairs run out).
+A tokenizer read from another library's files numbers the same tokens its own way
+(GPT-2's ``vocab.json``: ``llmcore.tokenizer.gpt2``): ``ids`` lists the id of each
+token in the order above, and ``encode``/``decode`` speak those ids.
 A ``pattern`` must cover the whole text; one that skips a character is an error.
 """
 
@@ -52,8 +56,20 @@ LONG_WORD = 64  # bytes: longer pre-tokens are encoded with a heap, not a rescan
 
 
 def compile_pattern(pattern: str) -> re.Pattern:
-    """The pre-token regex, without capturing groups (``findall`` returns those)."""
-    pre = re.compile(pattern)
+    """The pre-token regex, without capturing groups (``findall`` returns those).
+
+    A pattern with Unicode classes (``\\p{L}``, as GPT-2's own) needs the ``regex``
+    package; the standard library's ``re`` has none.
+    """
+    engine = re
+    if r"\p{" in pattern:
+        try:
+            import regex as engine
+        except ImportError:
+            raise ImportError(f"the pre-token pattern {pattern!r} uses Unicode classes "
+                              r"(\p{...}), which need the `regex` package: pip install "
+                              "regex (or use PRETOKEN_PATTERN)") from None
+    pre = engine.compile(pattern)
     if pre.groups:
         raise ValueError(f"pattern {pattern!r} has capturing groups; write them as "
                          "non-capturing (?:...) so each match is a whole pre-token")
@@ -199,7 +215,8 @@ class BPETokenizer(Tokenizer):
     KIND = "byte-bpe"
 
     def __init__(self, merges: Iterable[Sequence[int]],
-                 special_tokens: Iterable[str] = (), pattern: str = PRETOKEN_PATTERN):
+                 special_tokens: Iterable[str] = (), pattern: str = PRETOKEN_PATTERN,
+                 ids: Sequence[int] | None = None):
         self.merges = [(int(a), int(b)) for a, b in merges]
         self.vocab = [bytes([i]) for i in range(256)]  # id -> the bytes it stands for
         for k, (a, b) in enumerate(self.merges):
@@ -208,29 +225,48 @@ class BPETokenizer(Tokenizer):
             self.vocab.append(self.vocab[a] + self.vocab[b])
         self.ranks = {pair: 256 + k for k, pair in enumerate(self.merges)}
         self._init_special(special_tokens, len(self.vocab))
+        self.ids = self._check_ids(ids)  # None: the ids are the positions above
+        if self.ids is not None:
+            self.special_tokens = {s: self.ids[i]
+                                   for s, i in self.special_tokens.items()}
+            self._position = {i: k for k, i in enumerate(self.ids)}
         self.special_ids = {i: s for s, i in self.special_tokens.items()}
         self.pattern = pattern
         self._pre = compile_pattern(pattern)
         self._cache: dict[str, list[int]] = {}
 
+    def _check_ids(self, ids: Sequence[int] | None) -> list[int] | None:
+        if ids is None:
+            return None
+        ids, n = [int(i) for i in ids], len(self.vocab) + len(self.special_tokens)
+        if sorted(ids) != list(range(n)):
+            raise ValueError(f"ids must number the {n} tokens (256 bytes, "
+                             f"{len(self.merges)} merges, {len(self.special_tokens)} "
+                             f"special) 0 to {n - 1}, each once; got {len(ids)} ids")
+        return ids
+
     @classmethod
-    def train(cls, text: str, vocab_size: int, special_tokens: Iterable[str] = (),
+    def train(cls, text: str | Iterable[str], vocab_size: int,
+              special_tokens: Iterable[str] = (),
               pattern: str = PRETOKEN_PATTERN) -> "BPETokenizer":
         """Learn ``vocab_size - 256 - len(special_tokens)`` merges from ``text``.
 
-        Special tokens in ``text`` are cut out first: no merge spans or learns them.
+        ``text`` may come in pieces (an iterable of str, for a corpus read file by
+        file); the merges are those of the joined text when each piece ends at a
+        pre-token boundary. Special tokens in ``text`` are cut out first: no merge
+        spans or learns them.
         """
         special = check_special_tokens(special_tokens)
         if vocab_size < 256 + len(special):
             raise ValueError(f"vocab_size={vocab_size} must be at least 256 (bytes) "
                              f"+ {len(special)} (the special tokens)")
         splitter = special_splitter(special)
-        pieces = splitter.split(text) if splitter else [text]
         counts: Counter = Counter()
         pre = compile_pattern(pattern)
-        for piece in pieces:
-            if piece not in special:
-                counts.update(_findall(pre, piece))
+        for chunk in [text] if isinstance(text, str) else text:
+            for piece in splitter.split(chunk) if splitter else [chunk]:
+                if piece not in special:
+                    counts.update(_findall(pre, piece))
         word_counts = {w.encode("utf-8", "surrogatepass"): c for w, c in counts.items()}
         merges = learn_merges(word_counts, vocab_size - 256 - len(special))
         return cls(merges, special, pattern)
@@ -251,6 +287,8 @@ class BPETokenizer(Tokenizer):
             ids = cache.get(word)
             if ids is None:
                 ids = self._encode_word(word)
+                if self.ids is not None:
+                    ids = [self.ids[i] for i in ids]
                 if len(word) <= LONG_WORD:  # a huge run of letters is not worth keeping
                     if len(cache) >= CACHE_SIZE:
                         cache.clear()
@@ -273,10 +311,11 @@ class BPETokenizer(Tokenizer):
         return out
 
     def token_bytes(self, i: int) -> bytes:
-        if 0 <= i < len(self.vocab):
-            return self.vocab[i]
         if i in self.special_ids:
             return self.special_ids[i].encode("utf-8")
+        k = i if self.ids is None else self._position.get(i, -1)
+        if 0 <= k < len(self.vocab):
+            return self.vocab[k]
         raise ValueError(f"id {i} is outside [0, vocab_size={self.vocab_size})")
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
@@ -290,11 +329,13 @@ class BPETokenizer(Tokenizer):
             return data.decode("utf-8", "replace")
 
     def _fields(self) -> dict:
-        return {"pattern": self.pattern, "merges": [list(m) for m in self.merges]}
+        ids = {} if self.ids is None else {"ids": self.ids}
+        return {"pattern": self.pattern, "merges": [list(m) for m in self.merges],
+                **ids}
 
     @classmethod
     def _from_fields(cls, obj: dict, special_tokens: list[str]) -> "BPETokenizer":
-        return cls(obj["merges"], special_tokens, obj["pattern"])
+        return cls(obj["merges"], special_tokens, obj["pattern"], obj.get("ids"))
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", merges={len(self.merges)})"
