@@ -35,7 +35,7 @@ def small_data():
 @pytest.fixture(autouse=True)
 def tiny(monkeypatch, small_data):
     monkeypatch.setitem(run_module.PRESETS, "tiny", Tiered(cpu=TINY, gpu=TINY))
-    monkeypatch.setattr(run_module, "build_data", lambda preset: small_data)
+    monkeypatch.setattr(run_module, "build_data", lambda preset, *_, **__: small_data)
 
 
 def cli(out, *extra):

@@ -11,6 +11,16 @@
         --preset shakespeare-char --dp 2 --steps 200 --out runs/fsdp   # FSDP2
     torchrun --standalone --nproc_per_node 4 -m llmcore.train \\
         --preset shakespeare-char --dp 2 --tp 2 --steps 200 --out runs/mesh
+    python -m llmcore.train --data mine.txt --tokenizer bpe --vocab-size 512 \\
+        --out runs/mine          # your own text: a UTF-8 file or a folder of .txt
+    python -m llmcore.train --data books/ --n-layer 6 --n-embd 192 --out runs/books
+
+``--data`` trains on your own text with the shape and recipe of ``--preset`` (default
+``shakespeare-char``, its tier's size) and any of ``--n-layer``, ``--n-head``,
+``--n-embd``, ``--block-size``, ``--batch-size``, ``--dropout``. The text is
+tokenised once into ``OUT/tokens.bin`` (``--resume`` reads it back) and the last 10%
+of its tokens is held out for validation. ``python -m llmcore.sample OUT --prompt
+TEXT`` continues a prompt with the trained model.
 
 writes ``OUT/ckpt.pt`` (every ``ckpt_interval`` steps and at the end; ``--resume``
 continues from it), ``OUT/tokenizer.json`` and ``OUT/metrics.json`` (the history, the
@@ -26,11 +36,17 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
 from llmcore.config import override
+from llmcore.data.textfiles import TextDataError
 from llmcore.runtime import setup
 from llmcore.train.loop import PRECISIONS, Interrupted
-from llmcore.train.run import PRESETS, run
+from llmcore.train.run import PRESETS, RunPreset, run
+
+DATA_PRESET = "shakespeare-char"  # --data without --preset: this shape and recipe
+BPE_VOCAB = 512  # --tokenizer bpe without --vocab-size
+SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size")  # --n-layer ...
 
 
 def positive_int(text: str) -> int:
@@ -56,8 +72,11 @@ def positive_float(text: str) -> float:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m llmcore.train",
-                                description="Train a named preset.")
-    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+                                description="Train a named preset, or on your own "
+                                            "text.")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help=f"required without --data; with --data, the shape and "
+                        f"recipe to train with (default: {DATA_PRESET})")
     p.add_argument("--tier", choices=["cpu", "gpu"], default=None,
                    help="preset size (default: from the device)")
     p.add_argument("--precision", choices=PRECISIONS, default=None)
@@ -85,13 +104,49 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                            "model, gradients and optimizer state with FSDP2")
     mesh.add_argument("--tp", type=positive_int, default=None,
                       help="tensor-parallel ranks per row of the device mesh")
-    return p.parse_args(argv)
+    own = p.add_argument_group("your own text")
+    own.add_argument("--data", default=None,
+                     help="a UTF-8 text file or a folder of .txt files to train on; "
+                          "the last 10%% of its tokens is held out for validation")
+    own.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
+                     help="one id per character (default), or byte-level BPE "
+                          "trained on the text")
+    own.add_argument("--vocab-size", type=positive_int, default=None,
+                     help=f"bpe: ids in all, 256 bytes + merges (default "
+                          f"{BPE_VOCAB})")
+    shape = p.add_argument_group("the model's shape (default: the preset's)")
+    for flag in SHAPE:
+        shape.add_argument(f"--{flag.replace('_', '-')}", type=positive_int)
+    shape.add_argument("--dropout", type=float, default=None)
+    args = p.parse_args(argv)
+    if args.preset is None and args.data is None:
+        p.error("name a --preset, or give --data PATH to train on your own text")
+    if args.vocab_size is not None and args.tokenizer != "bpe":
+        p.error("--vocab-size is for --tokenizer bpe; a char tokenizer has one id "
+                "per character of the text")
+    return args
+
+
+def own_preset(preset: RunPreset, args: argparse.Namespace) -> RunPreset:
+    """``preset`` with ``--data``, ``--tokenizer`` and the shape flags applied."""
+    changes = {name: getattr(args, name) for name in (*SHAPE, "dropout")}
+    if args.data is not None:  # absolute: the same text wherever --resume runs
+        changes["corpus"] = str(Path(args.data).resolve())
+    if args.tokenizer is not None:
+        changes["tokenizer"] = args.tokenizer
+        changes["vocab_size"] = (args.vocab_size or BPE_VOCAB
+                                 if args.tokenizer == "bpe" else None)
+    return override(preset, **{k: v for k, v in changes.items() if v is not None})
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rt = setup(seed=args.seed, tier=args.tier)
-    preset = rt.pick(PRESETS[args.preset])
+    try:
+        preset = own_preset(rt.pick(PRESETS[args.preset or DATA_PRESET]), args)
+    except ValueError as err:  # a shape that cannot be (e.g. --n-embd 100 --n-head 3)
+        print(f"llmcore.train: {err}", file=sys.stderr)
+        return 2
     mesh = (args.dp or 1, args.tp or 1) if args.dp or args.tp else None
     changes = {"max_steps": args.steps, "lr": args.lr, "precision": args.precision,
                "compile": args.compile,
@@ -107,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         print(f"llmcore.train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's status for a process a signal ended
+    except TextDataError as err:  # your own text cannot be used: say why, no trace
+        print(f"llmcore.train: {err}", file=sys.stderr)
+        return 1
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
     last = history.eval_loss[-1] if history.eval_loss else float("nan")

@@ -22,15 +22,18 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import llmcore.train.sharded as sharded
 from llmcore.accounting import count_params
-from llmcore.config import Tiered, override
+from llmcore.config import Tiered, check_fields, override
 from llmcore.data import get_batch, load_corpus, split_tokens
+from llmcore.data.corpora import CORPORA
+from llmcore.data.textfiles import (TextDataError, prepare_text, remove_cache,
+                                    text_files)
 from llmcore.generate import generate
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.native import full_state, init_distributed, parallelize_gpt
 from llmcore.parallel.rng import rank_seed
 from llmcore.runtime import Runtime, device_name
-from llmcore.tokenizer import CharTokenizer
+from llmcore.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
 from llmcore.train.outdir import SHARDS, claim_out
@@ -41,7 +44,8 @@ from llmcore.train.resume import MAY_CHANGE, check_resume
 class RunPreset:
     """A GPT on a corpus: the model's shape, the batch, and how to train it."""
 
-    corpus: str  # a name for llmcore.data.load_corpus
+    corpus: str  # a vendored corpus (llmcore.data.load_corpus), or the path of your
+    # own UTF-8 text: a file or a folder of .txt files (llmcore.data.textfiles)
     n_layer: int  # GPT blocks
     n_head: int  # attention heads
     n_embd: int  # model width
@@ -50,6 +54,26 @@ class RunPreset:
     dropout: float = 0.0
     train: TrainConfig = field(default_factory=TrainConfig)
     val_fraction: float = 0.1  # the last 10% of the corpus is validation data
+    tokenizer: str = "char"  # "char" (one id per character) or "bpe" (byte-level
+    # BPE, llmcore.tokenizer.bpe), trained on the corpus
+    vocab_size: int | None = None  # bpe: ids in all, 256 bytes + merges; char: None
+    # (the corpus's characters)
+
+    def __post_init__(self):
+        check_fields(self, "n_layer", "n_head", "n_embd", "block_size", "batch_size",
+                     integer=True, above=0)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head="
+                             f"{self.n_head} (--n-embd, --n-head)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout} must lie in [0, 1) (--dropout)")
+        if self.tokenizer not in ("char", "bpe"):
+            raise ValueError(f"tokenizer={self.tokenizer!r}: use 'char' or 'bpe'")
+        if self.tokenizer == "char" and self.vocab_size is not None:
+            raise ValueError("vocab_size is for the bpe tokenizer (--tokenizer bpe); "
+                             "a char tokenizer has one id per character of the text")
+        if self.tokenizer == "bpe":
+            check_fields(self, "vocab_size", integer=True, minimum=256)
 
 
 PRESETS: dict[str, Tiered[RunPreset]] = {
@@ -75,16 +99,42 @@ PRESETS: dict[str, Tiered[RunPreset]] = {
 class RunData:
     """A tokenized corpus split for training."""
 
-    tokenizer: CharTokenizer
-    train: torch.Tensor  # 1-D token ids
-    val: torch.Tensor
+    tokenizer: Tokenizer
+    train: torch.Tensor | np.ndarray  # 1-D token ids (a memmap for your own text)
+    val: torch.Tensor | np.ndarray  # the held-out tail
 
 
-def build_data(preset: RunPreset) -> RunData:
-    text = load_corpus(preset.corpus)
-    tok = CharTokenizer.train(text)
-    ids = torch.from_numpy(np.array(tok.encode(text), dtype=np.int64))
+def build_data(preset: RunPreset, cache: Path | None = None, reuse: bool = False,
+               verbose: bool = False) -> RunData:
+    """The corpus tokenised and split: the last ``val_fraction`` of its tokens is
+    held out for validation. A vendored corpus is read whole; your own text is
+    tokenised once into ``cache/tokens.bin``, which ``reuse`` reads back
+    (:func:`llmcore.data.textfiles.prepare_text`). ``verbose``: say so, with a
+    progress bar."""
+    if preset.corpus in CORPORA:
+        text = load_corpus(preset.corpus)
+        tok = (CharTokenizer.train(text) if preset.tokenizer == "char"
+               else BPETokenizer.train(text, preset.vocab_size))
+        ids = torch.from_numpy(np.array(tok.encode(text), dtype=np.int64))
+    else:
+        tok, ids = prepare_text(preset.corpus, preset.tokenizer, preset.vocab_size,
+                                cache, reuse,
+                                progress=verbose and preset.train.progress)
+    n_val = len(ids) - int(len(ids) * (1 - preset.val_fraction))
+    if min(len(ids) - n_val, n_val) < preset.block_size + 1:
+        if cache is not None and not reuse and preset.corpus not in CORPORA:
+            remove_cache(cache)  # a text too short leaves no run behind
+        raise TextDataError(
+            f"{preset.corpus} is too short for a context of {preset.block_size} "
+            f"tokens: its {len(ids):,} tokens leave {n_val:,} for validation (the last "
+            f"{preset.val_fraction:.0%}) and each part needs {preset.block_size + 1}. "
+            "Add text, or pass a smaller --block-size")
     train_ids, val_ids = split_tokens(ids, preset.val_fraction)
+    if verbose and preset.corpus not in CORPORA:
+        print(f"{preset.corpus}: {len(ids):,} tokens ({preset.tokenizer}, "
+              f"{tok.vocab_size} ids); training on the first {len(train_ids):,}, "
+              f"validating on the last {len(val_ids):,} "
+              f"({preset.val_fraction:.0%}, held out)")
     return RunData(tok, train_ids, val_ids)
 
 
@@ -93,10 +143,8 @@ def build_model(preset: RunPreset, vocab_size: int) -> GPT:
                          preset.n_embd, dropout=preset.dropout))
 
 
-def prepare_mesh(model: torch.nn.Module, dp: int, tp: int,
-                 param_dtype: torch.dtype | None = None):
-    """``(model, info, mesh)``: the model on a (dp, tp) device mesh of all ranks
-    (``parallelize_gpt``: tensor parallel inside a row, FSDP2 across the rows)."""
+def join_mesh(dp: int, tp: int):
+    """This process's ``DistInfo`` in torchrun's group, if it has ``dp * tp`` ranks."""
     info = init_distributed()
     if info.world_size < 2:
         raise ValueError(f"--dp {dp} --tp {tp} needs several processes; start the run "
@@ -106,6 +154,14 @@ def prepare_mesh(model: torch.nn.Module, dp: int, tp: int,
         raise ValueError(f"--dp {dp} x --tp {tp} = {dp * tp} processes, but torchrun "
                          f"started {info.world_size}: choose --dp and --tp whose "
                          f"product is {info.world_size}, or --nproc_per_node {dp * tp}")
+    return info
+
+
+def prepare_mesh(model: torch.nn.Module, dp: int, tp: int,
+                 param_dtype: torch.dtype | None = None):
+    """``(model, info, mesh)``: the model on a (dp, tp) device mesh of all ranks
+    (``parallelize_gpt``: tensor parallel inside a row, FSDP2 across the rows)."""
+    info = join_mesh(dp, tp)
     mesh = init_device_mesh(info.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     model = parallelize_gpt(model.to(info.device), mesh, param_dtype=param_dtype)
     return model, info, mesh
@@ -137,32 +193,27 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
     the whole model (``OUT/ckpt.pt``, final weights only). Its batches depend on the
     seed and the step only (``sharded.global_batches``), so a resume on the same mesh
     is exact. ``stop_at``: end after that many steps, the schedule unchanged (the run
-    goes on with ``resume``).
+    goes on with ``resume``). Your own text (``preset.corpus`` a path) is tokenised
+    once into ``OUT/tokens.bin``, which ``resume`` reads back.
     """
     if resume and mesh and out is not None and (Path(out) / "ckpt.pt").exists() and \
             not (Path(out) / SHARDS).exists():  # before any process group or model
         refuse_unsharded(out)
-    data = build_data(preset)
-    model = build_model(preset, data.tokenizer.vocab_size)
-    info, dp_group, dp_rank = None, None, 0
-    if mesh is not None:
-        bf16 = torch.bfloat16 if preset.train.precision == "bf16" else None
-        model, info, device_mesh = prepare_mesh(model, *mesh, param_dtype=bf16)
-        dp_rank = device_mesh["dp"].get_local_rank()
-        dp_group = device_mesh["dp"].get_group() if mesh[0] > 1 else None
-    else:
-        model = model.to(rt.device)
+    if not resume and preset.corpus not in CORPORA:
+        text_files(preset.corpus)  # missing or empty text: refused before OUT is made
+    info = join_mesh(*mesh) if mesh else None  # the rank, to claim OUT on rank 0
     writes = out is not None and (info is None or info.is_main)
     claim = (claim_out(out, resume=resume, overwrite=overwrite) if writes
              else contextlib.nullcontext())
     with claim:
-        if info is not None:
-            dist.barrier()  # rank 0 has checked and cleared OUT
         meta = {"preset": asdict(preset), "seed": rt.seed,
                 "parallel": "mesh" if mesh else "none", "resumes": []}
         if mesh:
             meta["mesh"] = {"dp": mesh[0], "tp": mesh[1]}
         ckpt = None if out is None else Path(out) / (SHARDS if mesh else "ckpt.pt")
+        later = info is not None and not info.is_main
+        if later:
+            dist.barrier()  # rank 0 has checked and cleared OUT, and made the data
         saved = None
         if resume and ckpt is not None and ckpt.exists():
             saved = (sharded.read_checkpoint(ckpt) if mesh
@@ -172,6 +223,24 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
             warmup = saved["extra"]["config"]["warmup_steps"]
             preset = override(preset, train=override(preset.train,
                                                      warmup_steps=warmup))
+        # Your own text is tokenised into OUT once OUT is claimed and a resumed run
+        # checked, on rank 0; the other ranks read its cache.
+        data = build_data(preset, None if out is None else Path(out),
+                          reuse=resume or later, verbose=not later)
+        if info is not None and not later:
+            dist.barrier()
+        if writes:  # from the start, so that llmcore.sample reads any checkpoint
+            data.tokenizer.save(Path(out) / "tokenizer.json")
+        model = build_model(preset, data.tokenizer.vocab_size)
+        meta["model"] = asdict(model.config)  # what llmcore.sample rebuilds
+        dp_group, dp_rank = None, 0
+        if mesh is not None:
+            bf16 = torch.bfloat16 if preset.train.precision == "bf16" else None
+            model, info, device_mesh = prepare_mesh(model, *mesh, param_dtype=bf16)
+            dp_rank = device_mesh["dp"].get_local_rank()
+            dp_group = device_mesh["dp"].get_group() if mesh[0] > 1 else None
+        else:
+            model = model.to(rt.device)
         train_fn, val_fn = batch_fns(data, preset)
         generator = torch.Generator().manual_seed(rank_seed(rt.seed, dp_rank))
         if mesh:
@@ -246,7 +315,7 @@ def gather_model(model: torch.nn.Module, preset: RunPreset, vocab_size: int, inf
 def write_outputs(out: Path, preset: RunPreset, rt: Runtime, model: GPT,
                   history: History, data: RunData, meta: dict | None = None) -> None:
     data.tokenizer.save(out / "tokenizer.json")
-    prompt = torch.tensor([data.tokenizer.encode("\n")], device=rt.device)
+    prompt = torch.tensor([[int(data.train[0])]], device=rt.device)  # the first token
     sample = generate(model, prompt, 200, temperature=0.8, top_k=50,
                       generator=torch.Generator(rt.device).manual_seed(rt.seed))
     metrics = {
