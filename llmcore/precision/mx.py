@@ -15,8 +15,9 @@ the element format, to nearest with ties to even, and a value past the element's
 largest magnitude saturates to it (the top binade can reach past the maximum: 7 in
 E2M1, whose largest value is 6). ``e`` outside E8M0's [-127, 127] clamps at the
 bottom and is NaN at the top, as is the scale of a block holding inf or NaN.
-``scale_rule="ceil"`` is the variant that rounds the scale up instead, so that no
-element saturates (at the cost of one binade at the bottom).
+``scale_rule="ceil"`` rounds the scale up instead, so that no element saturates
+(Mishra, Stosic and Layton, 2025, "Recipes for Pre-training LLMs with MXFP8", found
+that the spec's rule can make pre-training diverge and this one does not).
 
 Everything is emulated on float64, which holds every value involved exactly: the
 bit patterns are those a device with MX support stores.
