@@ -46,3 +46,24 @@ def test_memory_per_rank_adds_activations_that_tp_and_checkpointing_shrink():
     pp = memory_per_rank(cfg, Plan(dp=2, pp=4, micro_batches=4), batch=8, seq=2048)
     assert pp["activations"] == 4 * activation_bytes(
         GPTConfig(32000, 2048, 8, 32, 4096), 1, 2048, 2)  # 4 micro-batches in flight
+
+
+def test_pipeline_schedules_in_a_plan():
+    cfg = GPTConfig(vocab_size=32000, block_size=2048, n_layer=32, n_head=32,
+                    n_embd=4096)
+    plans = {s: Plan(dp=2, pp=4, micro_batches=8, schedule=s,
+                     chunks=2 if s == "interleaved" else 1)
+             for s in ("1f1b", "interleaved", "zbh1")}
+    mem = {s: memory_per_rank(cfg, p, batch=16, seq=2048)["activations"]
+           for s, p in plans.items()}
+    assert mem["zbh1"] == mem["1f1b"]  # ZB-H1 holds p micro-batches, as 1F1B
+    assert mem["interleaved"] == pytest.approx(mem["1f1b"] * 5.5 / 4)
+    bubbles = {s: estimate(cfg, p, 16, 2048)["bubble"] for s, p in plans.items()}
+    assert bubbles["zbh1"] < bubbles["interleaved"] < bubbles["1f1b"]
+    # two chunks per rank on two ranks: stage 0 sends out of both of its chunks and
+    # a gradient out of its second one
+    assert pp_payload(8, 4, 2, stage=0, n_stages=2, chunks=2) == {"send": 3 * 256}
+    with pytest.raises(ValueError, match="schedule"):
+        Plan(pp=2, schedule="dualpipe")
+    with pytest.raises(ValueError, match="interleaved"):
+        Plan(pp=2, chunks=2)

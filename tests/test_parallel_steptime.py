@@ -119,3 +119,16 @@ def test_run_queue_wait_grows_when_another_process_takes_the_core():
         rival.kill()
         rival.wait()
     assert 0.1 * wall < waited < wall
+
+
+@pytest.mark.parametrize("schedule,chunks", [("gpipe", 1), ("interleaved", 2),
+                                             ("zbh1", 1)])
+def test_each_schedule_idles_its_bubble_fraction(schedule, chunks):
+    plan = Plan(pp=2, micro_batches=4, schedule=schedule, chunks=chunks)
+    t = step_time(CFG, plan, 16, 64, _cluster())
+    assert t["bubble"] / t["total"] == pytest.approx(
+        bubble_fraction(2, 4, schedule, chunks))
+    slow_links = _cluster(alpha=1e-3, bandwidth=1e8)
+    one = step_time(CFG, Plan(pp=2, micro_batches=4), 16, 64, slow_links)["pp"]
+    assert step_time(CFG, plan, 16, 64, slow_links)["pp"] == pytest.approx(
+        chunks * one)  # interleaving sends each micro-batch through more boundaries
