@@ -2,6 +2,7 @@
 one device computes; a rank never lands on a GPU that is missing or taken."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel import launch, native
 from llmcore.parallel.native import (full_state, init_distributed, parallelize_gpt,
                                      pick_device)
-from llmcore.train.step import clip_grad_norm
+from book.workers.common import plain_config
+from llmcore.train import train
 
 CFG = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
 X = torch.randint(32, (4, 8), generator=torch.Generator().manual_seed(1))
@@ -96,33 +98,37 @@ def test_torchrun_with_two_ranks_on_one_visible_gpu(monkeypatch):
 
 
 def dp_tp_steps(rank, world_size, steps=4, max_norm=0.05):
-    """Clipped AdamW steps of a (dp=2, tp=2) GPT and of one process on the batch."""
+    """Clipped AdamW steps of a (dp=2, tp=2) GPT through the book's loop, and of one
+    process on the whole batch with PyTorch's own clipping."""
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     ref = GPT(CFG)
     model = parallelize_gpt(copy.deepcopy(ref), mesh, param_dtype=None)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False)
-            for m in (ref, model)]
     row = mesh.get_local_rank("dp")
-    losses = []
-    for step in range(steps):
-        x, y = X.roll(step, 0), Y.roll(step, 0)
-        ref_loss = ref(x, y)[1]
-        ref_loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
-        loss = model(x.chunk(2)[row], y.chunk(2)[row])[1]
+
+    def batch(step, generator):  # this row's half of the step's batch
+        return X.roll(step, 0).chunk(2)[row], Y.roll(step, 0).chunk(2)[row]
+
+    cfg = replace(plain_config(steps), grad_clip=max_norm)
+    history = train(model, batch, cfg, dp_group=mesh.get_group("dp"),
+                    optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2,
+                                                foreach=False))
+    mean = torch.tensor(history.loss)
+    dist.all_reduce(mean)  # over all 4 ranks: each dp row twice
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    ref_losses = []
+    for step in range(steps):  # the reference: one process, torch's own clipping
+        loss = ref(X.roll(step, 0), Y.roll(step, 0))[1]
         loss.backward()
-        clip_grad_norm(model.parameters(), max_norm)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
-        mean = loss.detach().clone()
-        dist.all_reduce(mean)  # over all 4 ranks: each dp row twice
-        losses.append((ref_loss.item(), mean.item() / world_size))
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(loss.item())
     state = full_state(model)
     gap = max((state[n] - p.detach()).abs().max().item()
               for n, p in ref.named_parameters())
-    return {"losses": losses, "weight_gap": gap}
+    return {"losses": list(zip(ref_losses, (mean / world_size).tolist())),
+            "weight_gap": gap}
 
 
 @pytest.mark.distributed
