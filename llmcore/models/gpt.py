@@ -11,6 +11,13 @@ SDPA kernel unless ``use_sdpa=False`` asks for the hand-written one.
 Initialisation follows GPT-2: every weight from N(0, 0.02), biases zero, and the two
 projections that write into the residual stream (attention output, second FFN layer)
 scaled by 1/sqrt(2 n_layer), so that the residual's variance does not grow with depth.
+
+Options that later models use, each off by default (the "training faster" chapter
+measures what each buys): rotary positions instead of the learned table (Su et al.
+2021), RMSNorm (Zhang & Sennrich 2019), normalised queries and keys (Dehghani et al.
+2023), a ReLU^2 (So et al. 2021) or SwiGLU (Shazeer 2020) MLP, an output layer of its
+own, and residual projections that start at zero, so that every block starts as the
+identity.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from torch import Tensor, nn
 
 from llmcore.config import check_fields
 from llmcore.models import hf
-from llmcore.nn import GPTBlock, KVCache, LearnedPositionalEmbedding, make_norm
+from llmcore.nn import (GPTBlock, KVCache, LearnedPositionalEmbedding, RotaryEmbedding,
+                        make_norm)
 from llmcore.nn.loss import lm_loss
 from llmcore.nn.moe import MoE, MoEConfig
 
@@ -41,11 +49,20 @@ class GPTConfig:
     bias: bool = False  # biases in linear layers and LayerNorms (GPT-2 had them;
     # without them each layer does a little less work per step)
     use_sdpa: bool = True  # fused attention kernel; False: the hand-written one
-    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf) or "gelu_tanh" (the
-    # tanh approximation GPT-2's released weights were trained with)
+    activation: str = "gelu"  # the MLP's: "gelu" (exact, erf), "gelu_tanh" (the
+    # tanh approximation GPT-2's released weights were trained with), "relu2" (ReLU
+    # squared) or "swiglu" (gated, three matrices of 8 C / 3: a 4 C MLP's parameters)
     norm_eps: float = 1e-5  # the LayerNorms' epsilon (GPT-2's layer_norm_epsilon)
     moe: MoEConfig | None = None  # every block's MLP a mixture of experts
     # (llmcore.nn.moe); None: the dense MLP
+    pos: str = "learned"  # positions: "learned" (a table added to the embeddings,
+    # GPT-2) or "rope" (queries and keys rotated inside attention)
+    norm: str = "layernorm"  # every norm: "layernorm" or "rmsnorm" (no centring, no
+    # bias: one reduction instead of two)
+    qk_norm: bool = False  # normalise each head's queries and keys (with `norm`)
+    tie_weights: bool = True  # the output layer reuses the token embedding's matrix
+    zero_init: bool = False  # attention output, second MLP layer and an untied output
+    # layer start at zero (every block starts as the identity)
 
     def __post_init__(self):
         check_fields(self, "vocab_size", "block_size", "n_layer", "n_head", "n_embd",
@@ -56,13 +73,23 @@ class GPTConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"{type(self).__name__}.dropout must be in [0, 1), got "
                              f"{self.dropout}")
-        if self.activation not in ("gelu", "gelu_tanh"):
-            raise ValueError(f"{type(self).__name__}.activation={self.activation!r}; "
-                             "use 'gelu' or 'gelu_tanh'")
+        for name, allowed in (("activation", ("gelu", "gelu_tanh", "relu2", "swiglu")),
+                              ("pos", ("learned", "rope")),
+                              ("norm", ("layernorm", "rmsnorm"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{type(self).__name__}.{name}="
+                                 f"{getattr(self, name)!r}; use one of {allowed}")
         check_fields(self, "norm_eps", above=0)
         if self.moe is not None and not isinstance(self.moe, MoEConfig):
             raise ValueError(f"{type(self).__name__}.moe must be an "
                              f"llmcore.nn.moe.MoEConfig or None, got {self.moe!r}")
+
+    @property
+    def d_ff(self) -> int:
+        """The MLP's hidden width: 4 C; SwiGLU's three matrices 8 C / 3 (rounded up
+        to a multiple of 8), the parameters and FLOPs of the two 4 C ones."""
+        return 8 * -(-self.n_embd // 3) if self.activation == "swiglu" else \
+            4 * self.n_embd
 
 
 class GPT(nn.Module):
@@ -76,25 +103,37 @@ class GPT(nn.Module):
         super().__init__()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
-        self.pos_emb = LearnedPositionalEmbedding(c.block_size, c.n_embd)
+        self.pos_emb = (LearnedPositionalEmbedding(c.block_size, c.n_embd)
+                        if c.pos == "learned" else None)
+        # RoPE: one table of angles, shared by every block's attention
+        rope = (RotaryEmbedding(c.n_embd // c.n_head, c.block_size)
+                if c.pos == "rope" else None)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            GPTBlock(c.n_embd, c.n_head, c.dropout, c.bias, c.use_sdpa,
-                     eps=c.norm_eps, activation=c.activation)
+            GPTBlock(c.n_embd, c.n_head, c.dropout, c.bias, c.use_sdpa, norm=c.norm,
+                     eps=c.norm_eps, activation=c.activation, rope=rope,
+                     qk_norm=c.qk_norm, d_ff=c.d_ff)
             for _ in range(c.n_layer))
         if c.moe is not None:  # the experts take the MLP's place, same activation
             for block in self.blocks:
                 block.ffn = MoE(c.n_embd, c.moe, c.bias, block.ffn.activation)
-        self.ln_f = make_norm("layernorm", c.n_embd, eps=c.norm_eps, bias=c.bias)
+        self.ln_f = make_norm(c.norm, c.n_embd, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix
+        if c.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight  # weight tying: one (V, C) matrix
         self.apply(self._init_weights)
         residual_std = 0.02 / math.sqrt(2 * c.n_layer)
         for block in self.blocks:
-            nn.init.normal_(block.self_attn.out_proj.weight, 0.0, residual_std)
-            for name, p in block.ffn.named_parameters():  # each expert's too
-                if name.endswith("linear2.weight"):
+            out = [block.self_attn.out_proj.weight] + [
+                p for name, p in block.ffn.named_parameters()  # each expert's too
+                if name.endswith("linear2.weight")]
+            for p in out:
+                if c.zero_init:
+                    nn.init.zeros_(p)
+                else:
                     nn.init.normal_(p, 0.0, residual_std)
+        if c.zero_init and not c.tie_weights:  # the first logits are all 0: uniform
+            nn.init.zeros_(self.lm_head.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -129,7 +168,10 @@ class GPT(nn.Module):
             raise ValueError(f"idx has {idx.shape[1]} positions (+{past} cached), more "
                              f"than block_size={self.config.block_size}; crop it to "
                              f"idx[:, -{self.config.block_size}:]")
-        x = self.drop(self.pos_emb(self.tok_emb(idx), offset=past))  # (B, T, C)
+        x = self.tok_emb(idx)  # (B, T, C)
+        if self.pos_emb is not None:  # with RoPE, positions enter in attention
+            x = self.pos_emb(x, offset=past)
+        x = self.drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, kv_cache=kv_caches[i] if kv_caches is not None else None)
         return self.ln_f(x)

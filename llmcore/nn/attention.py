@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmcore.nn.kvcache import KVCache
+from llmcore.nn.layers import make_norm
 
 
 def causal_mask(t_q: int, t_k: int | None = None, offset: int = 0,
@@ -111,7 +112,11 @@ class MultiHeadAttention(nn.Module):
     ``use_sdpa`` picks PyTorch's fused kernel or the hand-written one;
     ``need_weights=True`` uses the hand-written one and returns ``(out, weights)``
     with per-head weights (B, nh, T, S). ``rope``: an optional ``RotaryEmbedding``
-    applied to queries and keys (Su et al. 2021).
+    applied to queries and keys (Su et al. 2021). ``qk_norm`` ("layernorm" or
+    "rmsnorm", with a learned gain per head dimension) normalises each head's queries
+    and keys before RoPE and the dot product, so the attention logits stay bounded
+    however large the projections grow (Dehghani et al., "Scaling Vision
+    Transformers to 22B Parameters", 2023, used LayerNorm).
 
     ``fused_qkv=True`` holds one ``qkv_proj`` (3C rows: q, then k, then v) instead of
     ``q_proj``, ``k_proj``, ``v_proj``: one matmul instead of three for
@@ -125,7 +130,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0,
                  bias: bool = True, use_sdpa: bool = True,
-                 rope: nn.Module | None = None, fused_qkv: bool = False):
+                 rope: nn.Module | None = None, fused_qkv: bool = False,
+                 qk_norm: str | None = None):
         super().__init__()
         if d_model <= 0 or n_heads <= 0 or d_model % n_heads != 0:
             raise ValueError(f"d_model={d_model} must be a positive multiple of "
@@ -143,6 +149,10 @@ class MultiHeadAttention(nn.Module):
             self.k_proj = nn.Linear(d_model, d_model, bias=bias)
             self.v_proj = nn.Linear(d_model, d_model, bias=bias)
         self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_norm = self.k_norm = None
+        if qk_norm is not None:  # one gain per head dimension, shared by the heads
+            self.q_norm = make_norm(qk_norm, self.head_size, bias=False)
+            self.k_norm = make_norm(qk_norm, self.head_size, bias=False)
         self.register_load_state_dict_pre_hook(convert_qkv_layout)
 
     def split_heads(self, x: Tensor) -> Tensor:
@@ -190,6 +200,8 @@ class MultiHeadAttention(nn.Module):
         q, k, v = (self.split_heads(x) for x in self.project_qkv(query, key, value))
         # q: (B, nh, T, hs), k and v: (B, nh, S, hs); nh may be a shard's local heads
         past = len(kv_cache) if kv_cache is not None else 0
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over hs: (B, nh, T, hs)
         if self.rope is not None:
             q, k = self.rope(q, offset=past), self.rope(k, offset=past)
         if attn_mask is not None and attn_mask.dim() == 3:

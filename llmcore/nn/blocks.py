@@ -31,11 +31,12 @@ class SelfAttentionBlock(nn.Module):
                  activation: str = "relu", norm_first: bool = False, bias: bool = True,
                  norm: str = "layernorm", use_sdpa: bool = True, eps: float = 1e-5,
                  rope: nn.Module | None = None, fused_qkv: bool = False,
-                 ffn_dropout: float = 0.0):
+                 ffn_dropout: float = 0.0, qk_norm: bool = False):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, bias, use_sdpa,
-                                            rope=rope, fused_qkv=fused_qkv)
+                                            rope=rope, fused_qkv=fused_qkv,
+                                            qk_norm=norm if qk_norm else None)
         self.ffn = FeedForward(d_model, d_ff, activation, ffn_dropout, bias)
         self.norm1 = make_norm(norm, d_model, eps, bias)
         self.norm2 = make_norm(norm, d_model, eps, bias)
@@ -85,15 +86,20 @@ class GPTBlock(SelfAttentionBlock):
     x = x + dropout(attn(norm1(x))); x = x + dropout(mlp(norm2(x))). Dropout sits on
     the attention weights and on each residual branch's output, not inside the MLP
     (Radford et al. 2019). One fused q/k/v projection; ``kv_cache`` carries the keys
-    and values of earlier positions during generation.
+    and values of earlier positions during generation. ``rope``: see
+    :class:`~llmcore.nn.MultiHeadAttention`; ``qk_norm=True`` normalises queries and
+    keys with the block's ``norm``; ``d_ff``: the MLP's hidden width (default 4 C).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0,
                  bias: bool = False, use_sdpa: bool = True, norm: str = "layernorm",
-                 eps: float = 1e-5, activation: str = "gelu"):
-        super().__init__(d_model, n_heads, 4 * d_model, dropout, activation,
+                 eps: float = 1e-5, activation: str = "gelu",
+                 rope: nn.Module | None = None, qk_norm: bool = False,
+                 d_ff: int | None = None):
+        super().__init__(d_model, n_heads, d_ff or 4 * d_model, dropout, activation,
                          norm_first=True, bias=bias, norm=norm, use_sdpa=use_sdpa,
-                         eps=eps, fused_qkv=True, ffn_dropout=0.0)
+                         eps=eps, rope=rope, fused_qkv=True, ffn_dropout=0.0,
+                         qk_norm=qk_norm)
 
     def forward(self, x: Tensor, kv_cache: KVCache | None = None,
                 is_causal: bool = True) -> Tensor:

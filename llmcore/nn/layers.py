@@ -100,11 +100,18 @@ ACTIVATIONS = {
     "gelu": F.gelu,  # exact, with erf: what nn.TransformerEncoderLayer uses
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's approximation
     "swiglu": F.silu,  # the gate's activation; the gating happens in FeedForward
+    # ReLU squared (So et al., "Primer", 2021): sparse like ReLU, smooth at 0 like
+    # GELU. Written x * relu(x), the same values: on a CPU its backward is several
+    # times faster than that of relu(x).square(), which goes through pow.
+    "relu2": lambda x: x * F.relu(x),
 }
 
 
 class FeedForward(nn.Module):
     """Position-wise FFN: linear2(dropout(act(linear1(x)))), applied to every token.
+
+    ``activation`` is a key of ``ACTIVATIONS``: relu, gelu, gelu_tanh, relu2 (ReLU
+    squared) or swiglu.
 
     With ``activation="swiglu"``: linear2(silu(gate(x)) * linear1(x)), three matrices;
     pick d_ff about 2/3 of the usual 4 d_model to keep the parameter count.
