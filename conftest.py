@@ -270,21 +270,21 @@ class NotebookTimes:
                  "failed": sorted(self.failed), "wall_seconds": wall}, indent=1))
 
 
-class GpuBudgetReport:
-    """Prints the gpu-tier budget table that tests/test_gpu_budget.py wrote."""
+class GpuPlanReport:
+    """Prints the gpu tier's plan (T4 and H100) that tests/test_gpu_plan.py wrote."""
 
-    path = ROOT / "_build" / "reports" / "gpu-budget.txt"
+    path = ROOT / "_build" / "reports" / "gpu-plan.txt"
 
     def __init__(self):
         self.start = time.time()
 
     def pytest_terminal_summary(self, terminalreporter, exitstatus, config):
         if self.path.is_file() and self.path.stat().st_mtime >= self.start:
-            terminalreporter.section("gpu tier: memory per preset, estimated H100 time")
+            terminalreporter.section("gpu tier: the plan per device class")
             terminalreporter.write(self.path.read_text())
 
 
 def pytest_configure(config):
     if is_master(config):
         config.pluginmanager.register(NotebookTimes(), "llmcore-notebook-times")
-        config.pluginmanager.register(GpuBudgetReport(), "llmcore-gpu-budget")
+        config.pluginmanager.register(GpuPlanReport(), "llmcore-gpu-plan")

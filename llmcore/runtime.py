@@ -8,11 +8,13 @@ the small experiments fast; ``gpu`` without a GPU is refused). Apple's MPS runs 
 cpu-tier sizes. This module and ``llmcore.parallel.launch`` are the only places that
 read environment variables.
 
-What the GPU can do is asked, not assumed: ``device_caps()`` (also ``rt.caps``) tells
-its compute capability, memory and which tensor-core formats it has;
-``default_precision`` turns that into the training precision a page should use, and
-``fit_memory`` (``rt.fit``) picks the largest preset whose declared memory need the
-device has.
+What the device can do is asked, not assumed: ``device_caps()`` (also ``rt.caps``)
+tells a GPU's compute capability, memory and which tensor-core formats it has (and
+whether a CPU has bf16 instructions); ``default_precision`` (``rt.precision``) turns
+that into the training precision every page uses unless it is about precision;
+``device_class`` names the kind of GPU the book plans for (T4, 24 GB, A100, H100,
+H200); ``fit_memory`` (``rt.fit``) picks the largest preset whose declared memory need
+the device has.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class DeviceCaps:
     capability: tuple[int, int] | None  # CUDA compute capability (major, minor)
     total_memory: int  # bytes of device memory; 0 where unknown (CPU, MPS)
     multiprocessors: int  # streaming multiprocessors; 0 off CUDA
+    cpu_bf16: bool = False  # a CPU with bf16 instructions (AVX512-BF16, AMX)
 
     @property
     def fp16_tensor_cores(self) -> bool:
@@ -125,11 +128,23 @@ class DeviceCaps:
                 f"{self.multiprocessors} SMs")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU reports bf16 instructions (Linux's /proc/cpuinfo flags):
+    there bf16 matmuls run natively, elsewhere they are emulated and slow."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def device_caps(device: torch.device | str | None = None) -> DeviceCaps:
     """The capabilities of ``device`` (default: what ``select_device`` picks)."""
     device = select_device() if device is None else torch.device(device)
     if device.type != "cuda":
-        return DeviceCaps(device.type, device_name(device), None, 0, 0)
+        return DeviceCaps(device.type, device_name(device), None, 0, 0,
+                          cpu_bf16=device.type == "cpu" and cpu_has_bf16())
     props = torch.cuda.get_device_properties(device)
     return DeviceCaps("cuda", props.name, (props.major, props.minor),
                       int(props.total_memory), int(props.multi_processor_count))
@@ -139,14 +154,69 @@ def default_precision(caps: DeviceCaps) -> str:
     """The training precision for ``caps``, as ``TrainConfig.precision`` names it.
 
     bf16 where tensor cores run it (sm80+); fp16 on sm70/sm75 (V100, T4), which the
-    training loop pairs with dynamic loss scaling; fp32 on CPU and MPS, where the
-    CPU tier's sizes make 16-bit formats gain little and fp16 can be far slower.
+    training loop pairs with dynamic loss scaling; on a CPU bf16 where it has bf16
+    instructions (there a bf16 matmul runs about twice as fast as fp32), else fp32;
+    fp32 on MPS.
     """
-    if caps.bf16_tensor_cores:
+    if caps.bf16_tensor_cores or (caps.type == "cpu" and caps.cpu_bf16):
         return "bf16"
     if caps.fp16_tensor_cores:
         return "fp16"
     return "fp32"
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """A kind of GPU a learner has, as the book plans for it: its memory, its
+    training precision, and its dense tensor-core peaks from the datasheets
+    (NVIDIA T4, L4, A100, H100 SXM and H200 SXM datasheets; TF32 and 16-bit without
+    sparsity)."""
+
+    name: str  # "t4", "l4", "a100-40gb", "a100-80gb", "h100", "h200"
+    capability: tuple[int, int]  # the class's compute capability
+    usable_gib: float  # what a page may plan on: the driver reports a little less
+    peak_tflops: dict[str, float]  # dense peak per precision it has
+    bandwidth_tbs: float  # memory bandwidth, TB/s (what generation waits for)
+
+    @property
+    def precision(self) -> str:
+        """The training precision the book uses on this class."""
+        return default_precision(DeviceCaps("cuda", self.name, self.capability,
+                                            int(self.usable_gib * GiB), 1))
+
+
+DEVICE_CLASSES = {c.name: c for c in (
+    # Colab's free GPU: Turing, fp16 tensor cores only, 16 GB of which ~15 usable.
+    DeviceClass("t4", (7, 5), 15.0, {"fp32": 8.1, "fp16": 65.0}, 0.32),
+    # 24 GB: L4 (sm89), RTX 3090 (sm86), RTX 4090 (sm89); planned as an L4.
+    DeviceClass("l4", (8, 9), 22.0, {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0,
+                                     "fp16": 121.0, "fp8": 242.0}, 0.30),
+    DeviceClass("a100-40gb", (8, 0), 39.0, {"fp32": 19.5, "tf32": 156.0,
+                                            "bf16": 312.0, "fp16": 312.0}, 1.56),
+    DeviceClass("a100-80gb", (8, 0), 78.0, {"fp32": 19.5, "tf32": 156.0,
+                                            "bf16": 312.0, "fp16": 312.0}, 2.04),
+    DeviceClass("h100", (9, 0), 78.0, {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4,
+                                       "fp16": 989.4, "fp8": 1978.9}, 3.35),
+    DeviceClass("h200", (9, 0), 139.0, {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4,
+                                        "fp16": 989.4, "fp8": 1978.9}, 4.8),
+)}
+
+
+def device_class(caps: DeviceCaps) -> DeviceClass | None:
+    """The class ``caps`` plans as (None off CUDA and below sm70): sm70/sm75 a T4;
+    sm80+ with
+    up to 30 GiB the 24 GB class; then A100 40/80 GB, H100, H200 by capability and
+    memory."""
+    if caps.type != "cuda" or caps.capability is None or caps.capability < (7, 0):
+        return None  # no tensor cores: no class the book plans for
+    gib = caps.memory_gb
+    if caps.capability < (8, 0):
+        return DEVICE_CLASSES["t4"]
+    if gib <= 30:
+        return DEVICE_CLASSES["l4"]
+    if caps.capability < (9, 0):
+        return DEVICE_CLASSES["a100-40gb" if gib <= 48 else "a100-80gb"]
+    return DEVICE_CLASSES["h100" if gib <= 100 else "h200"]
 
 
 def fit_memory(options: Mapping[float, T], caps: DeviceCaps,
@@ -198,9 +268,16 @@ class Runtime:
         return default_precision(self.caps)
 
     @property
+    def device_class(self) -> DeviceClass | None:
+        """The kind of GPU the book plans this one as (None off CUDA)."""
+        return device_class(self.caps)
+
+    @property
     def banner(self) -> str:
-        return (f"llmcore | device: {self.device.type} ({self.caps.describe()}) | "
-                f"tier: {self.tier} | torch {torch.__version__} | seed {self.seed}")
+        kind = f" = {self.device_class.name} class" if self.device_class else ""
+        return (f"llmcore | device: {self.device.type} ({self.caps.describe()}{kind}) "
+                f"| tier: {self.tier} | precision: {self.precision} | torch "
+                f"{torch.__version__} | seed {self.seed}")
 
 
 def setup(seed: int = 0, *, tier: str | None = None, device: str | None = None,

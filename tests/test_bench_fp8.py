@@ -22,15 +22,27 @@ def test_parse_args_defaults_and_errors():
         bench.parse_args(["--bogus"])
 
 
-def test_gpu_run_is_the_1_3b_comparison():
-    """On a GPU: bf16 against FP8 on a ~1.3B GPT for 200 steps, compiled."""
-    (spec,) = bench.GPU_MODELS
-    with torch.device("meta"):
-        model = GPT(GPTConfig(spec.vocab_size, spec.block_size, spec.n_layer,
-                              spec.n_head, spec.n_embd))
-    assert 1.2e9 < count_params(model) < 1.5e9
-    keep = size_filter()
-    assert keep(torch.nn.Linear(spec.n_embd, 3 * spec.n_embd), "blocks.0.qkv_proj")
+def test_gpu_runs_fit_the_card_they_run_on():
+    """bf16 against FP8 on a ~1.3B GPT on an 80 GB card, on a 350M one on 24 GB."""
+    from llmcore.runtime import DEVICE_CLASSES, DeviceCaps, fit_memory
+    from tools.bench import plan
+
+    sizes = {}
+    for name in ("l4", "h100"):
+        dc = DEVICE_CLASSES[name]
+        caps = DeviceCaps("cuda", name, dc.capability, int(dc.usable_gib * 2**30), 1)
+        (spec,) = fit_memory(bench.GPU_MODELS, caps)
+        with torch.device("meta"):
+            model = GPT(GPTConfig(spec.vocab_size, spec.block_size, spec.n_layer,
+                                  spec.n_head, spec.n_embd))
+        sizes[name] = count_params(model)
+        keep = size_filter()  # the block's linears are large enough to convert
+        assert keep(torch.nn.Linear(spec.n_embd, 3 * spec.n_embd), "blocks.0.qkv_proj")
+        w = plan.Workload("fp8", spec.n_layer, spec.n_embd, spec.n_head,
+                          spec.vocab_size, spec.block_size, spec.batch_size, 1,
+                          precision="bf16")
+        assert plan.peak_gib(w, dc) < dc.usable_gib  # it fits the card
+    assert 1.2e9 < sizes["h100"] < 1.5e9 and 3e8 < sizes["l4"] < 4.5e8
 
 
 def test_gpu_slug():

@@ -141,13 +141,42 @@ def test_caps_and_default_precision_follow_compute_capability(monkeypatch, name)
     assert f"sm{major}{minor}" in caps.describe() and f"{gib} GiB" in caps.describe()
 
 
+CLASSES = {"Tesla T4": "t4", "Tesla V100-SXM2-16GB": "t4", "NVIDIA L4": "l4",
+           "NVIDIA A100-SXM4-40GB": "a100-40gb", "NVIDIA H100 80GB HBM3": "h100",
+           "Tesla P100-PCIE-16GB": None}
+
+
+@pytest.mark.parametrize("name", sorted(GPUS))
+def test_each_gpu_is_planned_as_its_device_class(monkeypatch, name):
+    fake_gpu(monkeypatch, name)
+    caps = runtime.device_caps("cuda")
+    kind = runtime.device_class(caps)
+    assert (kind.name if kind else None) == CLASSES[name]
+    if kind is not None:  # the class trains in the precision the GPU itself would
+        assert kind.precision == runtime.default_precision(caps)
+        assert kind.usable_gib <= caps.memory_gb + 1
+        assert kind.precision in kind.peak_tflops  # its tensor cores run it
+
+
+def test_the_classes_beyond_the_gpus_above():
+    h200 = runtime.DeviceCaps("cuda", "NVIDIA H200", (9, 0), 141 * 2**30, 132)
+    a100 = runtime.DeviceCaps("cuda", "NVIDIA A100-SXM4-80GB", (8, 0), 80 * 2**30, 108)
+    rtx = runtime.DeviceCaps("cuda", "NVIDIA GeForce RTX 3090", (8, 6), 24 * 2**30, 82)
+    assert [runtime.device_class(c).name for c in (h200, a100, rtx)] == [
+        "h200", "a100-80gb", "l4"]
+    assert runtime.device_class(runtime.device_caps("cpu")) is None
+    assert runtime.DEVICE_CLASSES["t4"].precision == "fp16"  # no bf16 tensor cores
+    assert "bf16" not in runtime.DEVICE_CLASSES["t4"].peak_tflops
+
+
 def test_setup_on_a_fake_gpu_exposes_caps_and_precision(monkeypatch, capsys):
     fake_gpu(monkeypatch, "Tesla T4")
     monkeypatch.delenv("LLMCORE_TIER", raising=False)
     rt = runtime.setup(seed=1)
     assert rt.tier == "gpu" and rt.caps.name == "Tesla T4"
     assert rt.precision == "fp16" and not rt.caps.fp8_tensor_cores
-    assert "Tesla T4, sm75" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Tesla T4, sm75" in out and "t4 class" in out and "precision: fp16" in out
 
 
 def test_cpu_and_mps_have_no_tensor_core_formats(monkeypatch):
@@ -155,7 +184,12 @@ def test_cpu_and_mps_have_no_tensor_core_formats(monkeypatch):
     assert caps.type == "cpu" and caps.capability is None and caps.total_memory == 0
     assert not (caps.fp16_tensor_cores or caps.bf16_tensor_cores
                 or caps.fp8_tensor_cores)
-    assert runtime.default_precision(caps) == "fp32"
+    # bf16 only where the CPU has bf16 instructions
+    assert runtime.default_precision(caps) == ("bf16" if caps.cpu_bf16 else "fp32")
+    assert runtime.default_precision(runtime.DeviceCaps("cpu", "x", None, 0, 0)) == \
+        "fp32"
+    assert runtime.default_precision(
+        runtime.DeviceCaps("cpu", "x", None, 0, 0, cpu_bf16=True)) == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     monkeypatch.delenv("LLMCORE_TIER", raising=False)

@@ -310,3 +310,18 @@ def test_no_host_sync_between_log_points():
             assert len(h.loss) == 8
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_auto_precision_is_the_devices():
+    from llmcore.runtime import default_precision, device_caps
+    from llmcore.train.step import resolve_precision
+
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == default_precision(device_caps(cpu))
+    assert resolve_precision("fp16", cpu) == "fp16"
+    with pytest.raises(ValueError, match="or 'auto'"):
+        resolve_precision("int8", cpu)
+    with pytest.raises(ValueError, match="TrainConfig.precision must be one of"):
+        TrainConfig(precision="bfloat16")
+    h = train(make_model(), batch_fn, quiet(max_steps=2, precision="auto"))
+    assert len(h.loss) == 2 and all(math.isfinite(x) for x in h.loss)

@@ -50,7 +50,7 @@ from llmcore.train.optim import any_dtensor, make_optimizer, make_scheduler
 from llmcore.train.resume import MAY_CHANGE, check_resume, schedule_restart
 from llmcore.train.step import (PRECISIONS, BatchFn, LossFn, clip_grad_norm,
                                 count_tokens, default_loss, evaluate, precision_context,
-                                to_device, valid_tokens)
+                                resolve_precision, to_device, valid_tokens)
 
 __all__ = ["PRECISIONS", "TrainConfig", "History", "Interrupted", "train",
            "default_loss", "evaluate", "precision_context"]
@@ -71,7 +71,8 @@ class TrainConfig:
     eval_interval: int = 0  # evaluate every this many updates; 0: only at the end
     eval_steps: int = 20  # batches per evaluation
     eval_seed: int = 1234  # evaluation always draws the same batches from this seed
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 (fp16 adds a GradScaler)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 (+ GradScaler) | auto: the
+    #                          device's (rt.precision)
     compile: bool = False  # run the forward through torch.compile
     ckpt_interval: int = 0  # save every this many updates; 0: only at the end
     log_interval: int = 10  # read loss and grad norm from the device this often
@@ -87,9 +88,9 @@ class TrainConfig:
         if self.min_lr_ratio > 1:
             raise ValueError(f"TrainConfig.min_lr_ratio must be <= 1, got "
                              f"{self.min_lr_ratio!r}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS}, "
-                             f"got {self.precision!r}")
+        if self.precision not in (*PRECISIONS, "auto"):
+            raise ValueError(f"TrainConfig.precision must be one of {PRECISIONS} or "
+                             f"'auto', got {self.precision!r}")
         if (len(self.betas) != 2 or not all(isinstance(b, (int, float))
                                             and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"TrainConfig.betas must be two numbers in [0, 1), "
@@ -242,7 +243,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                                    start_from["step"])
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps,
                                cfg.min_lr_ratio, restart)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     history, start = History(), 0
     if start_from is not None:
         ckpt.restore_checkpoint(start_from, model, optimizer=optimizer,
@@ -257,7 +259,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
         lambda max_norm: clip_grad_norm(model.parameters(), max_norm))
     max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
     world = dist.get_world_size(dp_group) if dp_group is not None else 1
-    pending = Pending(history, device, cfg.precision == "fp16")
+    pending = Pending(history, device, precision == "fp16")
     collective = dist.is_initialized() and dist.get_world_size() > 1
 
     def checkpoint(step: int) -> None:
@@ -286,7 +288,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
             sync = (model.no_sync() if micro < len(batches) - 1
                     and hasattr(model, "no_sync") else contextlib.nullcontext())
             with sync:
-                with precision_context(cfg.precision, device.type):
+                with precision_context(precision, device.type):
                     loss = loss_fn(forward, batch).float()
                 scaler.scale(loss * (count * world / total)).backward()
             loss_sum += loss.detach() * (count / local)  # this rank's token mean
@@ -337,7 +339,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                     history.eval_step.append(done)
                     history.eval_loss.append(evaluate(
                         model, val_batch_fn, cfg.eval_steps, loss_fn=loss_fn,
-                        precision=cfg.precision, device=device, seed=cfg.eval_seed))
+                        precision=precision, device=device, seed=cfg.eval_seed))
                     if saving:
                         checkpoint(done)  # again, with the evaluation in its history
                 if signum is not None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from llmcore.config import IGNORE_INDEX
+from llmcore.runtime import default_precision, device_caps
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 Batch = Any
@@ -79,6 +80,18 @@ def valid_tokens(batch: Batch, device: torch.device) -> torch.Tensor:
     return (y != IGNORE_INDEX).sum().float()
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``precision``, with ``"auto"`` replaced by the device's own
+    (:func:`llmcore.runtime.default_precision`: bf16 on sm80+ GPUs and on CPUs with
+    bf16 instructions, fp16 on T4/V100, else fp32)."""
+    if precision == "auto":
+        return default_precision(device_caps(device))
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS} or 'auto', got "
+                         f"{precision!r}")
+    return precision
+
+
 @contextlib.contextmanager
 def precision_context(precision: str, device_type: str):
     """Autocast for bf16/fp16; TF32 matmuls for tf32; nothing for fp32."""
@@ -139,6 +152,7 @@ def evaluate(model: nn.Module, batch_fn: BatchFn, steps: int, *,
     model; the training generator and the global RNG are left untouched.
     """
     device = device or next(model.parameters()).device
+    precision = resolve_precision(precision, device)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()

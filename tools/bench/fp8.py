@@ -39,6 +39,7 @@ from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.precision.fp8 import (_mm, convert_to_float8, fp8_backend, to_float8,
                                    size_filter)
+from llmcore.runtime import device_caps, fit_memory
 from llmcore.train import TrainConfig, train
 
 E4M3 = torch.float8_e4m3fn
@@ -57,7 +58,10 @@ class E2EModel:
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
 
 
-GPU_MODELS = (E2EModel("gpt-1.3B", 24, 16, 2048, 1024, 8),)
+# FP8 pays only where the matmuls are large: a 1.3B GPT on 80 GB cards; a 24 GB sm89
+# card (L4, RTX 4090) holds the 350M one (1.3B's fp32 weights and AdamW alone: 21 GB).
+GPU_MODELS = {19: (E2EModel("gpt-350M", 24, 16, 1024, 1024, 8),),
+              60: (E2EModel("gpt-1.3B", 24, 16, 2048, 1024, 8),)}
 DRY_MODELS = (E2EModel("toy", 2, 2, 64, 32, 4, vocab_size=256),)
 LOSS_TOLERANCE = 0.01  # FP8's final loss within 1% of bf16's
 GPU_SIZES = [(n, n, n) for n in (512, 1024, 2048, 4096, 8192)] + [
@@ -233,8 +237,10 @@ def main(argv: list[str]) -> int:
     else:
         device, backend = torch.device("cuda"), "scaled_mm"
         gpu = torch.cuda.get_device_name(device)
-        sizes, models = GPU_SIZES, GPU_MODELS
-        steps, iters = args.steps or 200, args.iters or 50
+        sizes = GPU_SIZES
+        caps = device_caps(device)
+        models = fit_memory(GPU_MODELS, caps)
+        steps, iters = args.steps or 100, args.iters or 50
         compile_ = args.compile is not False
     out = args.out or f"results/fp8-{'dry-run' if args.dry_run else gpu_slug(gpu)}.json"
     payload = {

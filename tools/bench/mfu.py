@@ -9,7 +9,8 @@ the rate of a large square matmul in the same dtype on the same device, since a
 datasheet number assumes clocks and shapes that a given machine may not reach.
 
 Run ``python -m tools.bench mfu [--precision bf16] [--steps N]``: it trains the tier's
-GPT preset for a few steps, measures the peak, and writes ``results/mfu-<tier>.json``.
+GPT preset for a few steps, measures the peak, and writes
+``results/mfu-<device>-<precision>.json`` (the GPU's name, or ``cpu``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from llmcore.config import Tiered
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.runtime import device_name, setup
 from llmcore.train import TrainConfig, train
+from tools.bench.results import slug
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,11 @@ class MFUPreset:
     steps: int  # timed training steps, after the warm-up ones
 
 
-PRESETS = Tiered(
+GPT2 = GPTConfig(50304, 1024, 12, 12, 768)  # GPT-2 small (124M)
+PRESETS = Tiered(  # on a GPU: as many sequences as its memory holds (rt.fit)
     cpu=MFUPreset(GPTConfig(65, 128, 4, 4, 128), batch_size=16, steps=10),
-    gpu=MFUPreset(GPTConfig(50304, 1024, 12, 12, 768), batch_size=12, steps=30),
+    gpu={12: MFUPreset(GPT2, batch_size=8, steps=30),
+         19: MFUPreset(GPT2, batch_size=12, steps=30)},
 )
 
 
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="results", help="folder for the JSON result")
     args = p.parse_args(argv)
     rt = setup(seed=0)
-    preset = rt.pick(PRESETS)
+    preset = rt.pick(PRESETS) if rt.tier == "cpu" else rt.fit(PRESETS.gpu)
     model = GPT(preset.model).to(rt.device)
     tps = measure_tokens_per_s(model, preset.batch_size, args.steps or preset.steps,
                                args.precision, compile=args.compile)
@@ -86,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "date": datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    out = Path(args.out) / f"mfu-{rt.tier}-{args.precision}.json"
+    name = slug(device_name(rt.device)) if rt.device.type == "cuda" else "cpu"
+    out = Path(args.out) / f"mfu-{name}-{args.precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"{tps:,.0f} tokens/s, peak {peak / 1e12:.2f} TFLOP/s, "

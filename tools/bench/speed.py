@@ -6,9 +6,10 @@ the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), on
 of the ladder at a time, each rung adding one thing to the one before: fp32 -> TF32
 matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` -> FP8
 linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded as
-skipped, with the reason. The peak is measured first, a large matmul on the same
-device. On a GPU it also compares bf16 and FP8 on a 1.3B-parameter GPT. Results go to
-``results/speed-<tier>.json`` with the hardware, the date and the torch version.
+skipped, with the reason. The peaks are measured first, a large matmul on the same
+device in each precision, and each rung's MFU is against the peak of its own (bf16
+against FP8 on a 1.3B GPT is ``python -m tools.bench fp8``). Results go to
+``results/speed-<device>.json`` with the hardware, the date and the torch version.
 
 ``--compare-nanogpt PATH`` runs nanoGPT and llmcore side by side on the same CPU
 model (:mod:`tools.bench.nanogpt`). ``--realtime`` (root or CAP_SYS_NICE) runs it
@@ -68,15 +69,21 @@ class SpeedPreset:
     warmup: int  # untimed steps first (the compiled rung compiles in them)
 
 
+GPT2 = GPTConfig(50304, 1024, 12, 12, 768)  # GPT-2 small (124M)
 PRESETS = Tiered(
-    # The CPU-tier char model of chapter 8; GPT-2 small (124M) at 12 x 1024 tokens.
+    # The CPU-tier char model of chapter 8; on a GPU GPT-2 small at 1,024 tokens, as
+    # many sequences as the device's memory holds for the fp32 rung, whose
+    # hand-written attention keeps every T x T score matrix (rt.fit: GiB -> preset).
     cpu=SpeedPreset(GPTConfig(65, 64, 4, 4, 128), batch_size=12, steps=20, warmup=5),
-    gpu=SpeedPreset(GPTConfig(50304, 1024, 12, 12, 768), batch_size=12, steps=30,
-                    warmup=10),
+    gpu={11: SpeedPreset(GPT2, batch_size=3, steps=30, warmup=10),  # T4
+         19: SpeedPreset(GPT2, batch_size=6, steps=30, warmup=10),  # 24 GB
+         70: SpeedPreset(GPT2, batch_size=12, steps=30, warmup=10)},  # 80 GB
 )
-# A 1.3B GPT (24 layers, width 2048): where FP8 matmuls are large enough to pay.
-BIG = SpeedPreset(GPTConfig(50304, 1024, 24, 16, 2048), batch_size=8, steps=20,
-                  warmup=10)
+
+
+def preset_for(rt) -> SpeedPreset:
+    """The ladder's model and batch for this runtime's tier and memory."""
+    return rt.pick(PRESETS) if rt.tier == "cpu" else rt.fit(PRESETS.gpu)
 
 
 def cpu_model() -> str:
@@ -134,12 +141,20 @@ def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
             "mfu": mfu(tps, fpt, peak), "params": count_params(model)}
 
 
-def ladder(preset: SpeedPreset, device: torch.device, peak: float) -> list[dict]:
+def peaks_of(device: torch.device) -> dict[str, float]:
+    """The measured matmul peak of every precision a rung of the ladder can run in
+    on ``device``: each rung's MFU is against the peak of its own precision."""
+    wanted = {r.precision for r in LADDER if skip_reason(r, device) is None}
+    return {p: measure_peak_flops(device, p) for p in sorted(wanted)}
+
+
+def ladder(preset: SpeedPreset, device: torch.device,
+           peaks: dict[str, float]) -> list[dict]:
     rows = []
     for rung in LADDER:
         reason = skip_reason(rung, device)
         if reason is None:
-            rows.append(measure(preset, rung, device, peak))
+            rows.append(measure(preset, rung, device, peaks[rung.precision]))
             print(f"  {rung.name:14s} {rows[-1]['tokens_per_s']:>12,.0f} tokens/s  "
                   f"{rows[-1]['step_ms']:8.1f} ms/step  MFU {rows[-1]['mfu']:.1%}")
         else:
@@ -188,19 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         result["gpu"] = device_name(rt.device)
     if not args.no_ladder:
-        preset = rt.pick(PRESETS)
-        precision = "bf16" if rt.device.type == "cuda" else "fp32"
-        peak = measure_peak_flops(rt.device, precision)
-        print(f"measured {precision} matmul peak: {peak / 1e12:.3f} TFLOP/s")
-        result.update(peak_flops=peak, peak_precision=precision,
-                      model=asdict(preset.model), batch_size=preset.batch_size,
-                      ladder=ladder(preset, rt.device, peak))
-        if rt.device.type == "cuda":
-            print("1.3B GPT, bf16 vs FP8 (both compiled):")
-            result["big"] = {"model": asdict(BIG.model), "batch_size": BIG.batch_size,
-                             "rows": [measure(BIG, r, rt.device, peak)
-                                      for r in LADDER[-2:]
-                                      if skip_reason(r, rt.device) is None]}
+        preset = preset_for(rt)
+        peaks = peaks_of(rt.device)
+        for precision, peak in peaks.items():
+            print(f"measured {precision} matmul peak: {peak / 1e12:.3f} TFLOP/s")
+        result.pop("peak_flops", None)  # one peak for every rung: replaced by peaks
+        result.pop("peak_precision", None)
+        result.update(peaks=peaks, model=asdict(preset.model),
+                      batch_size=preset.batch_size,
+                      ladder=ladder(preset, rt.device, peaks))
     if args.compare_nanogpt is not None:
         key = "nanogpt_vs_compiled" if args.compile else "nanogpt"
         result[key] = compare_nanogpt(args.compare_nanogpt, args.rounds, args.steps,
