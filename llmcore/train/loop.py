@@ -25,6 +25,10 @@ second signal stops at once.
 
 Precision is applied from outside the model: fp32 weights, matmuls in the chosen format
 by autocast (Micikevicius et al., "Mixed Precision Training", 2018).
+
+On the ``meta`` device the loop is a dry run: every step's shapes and device placement
+are checked, nothing is computed or read (``tests/test_gpu_dryrun.py`` runs the
+gpu-tier presets this way on a machine without a GPU).
 """
 
 from __future__ import annotations
@@ -131,6 +135,8 @@ class Pending:
                           seconds])
 
     def read(self) -> None:
+        if self.device.type == "meta":  # a dry run: shapes and placement, no values
+            self.rows = []
         if not self.rows:
             return
         t0 = time.perf_counter()
@@ -244,7 +250,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.max_steps,
                                cfg.min_lr_ratio, restart)
     precision = resolve_precision(cfg.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16"
+                                  and device.type != "meta")
     history, start = History(), 0
     if start_from is not None:
         ckpt.restore_checkpoint(start_from, model, optimizer=optimizer,

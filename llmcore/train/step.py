@@ -97,7 +97,7 @@ def precision_context(precision: str, device_type: str):
     """Autocast for bf16/fp16; TF32 matmuls for tf32; nothing for fp32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision in ("bf16", "fp16"):
+    if precision in ("bf16", "fp16") and device_type != "meta":  # meta: shapes only
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         with torch.autocast(device_type=device_type, dtype=dtype):
             yield
