@@ -60,6 +60,10 @@ MUTANTS = {
         6: [("not torch.isfinite(output).all()", "torch.isinf(output).any()"),  # NaN
             ("return found[0] if found", "return found[-1] if found"),   # the last
             ("            h.remove()\n", "            pass\n")],          # hooks stay
+        7: [("torch.exp2((e - 1 - 2).double())", "torch.exp2((e - 2).double())"),
+            ("torch.round(y / spacing)", "torch.floor(y / spacing + 0.5)"),  # ties up
+            (".clamp(max=6.0)", ""),                        # 7 becomes 8: no saturation
+            ("torch.where(y < 4, 1.0, 2.0)", "torch.where(y < 4, 1.0, 1.0)")],
     },
     "04-parallel": {
         1: [("p.grad /= world", "pass"),                         # a sum, not a mean
@@ -149,8 +153,8 @@ MUTANTS = {
              "return (a8.float() @ b8.float().t()) / sa"),        # one scale undone
             ("return (a8.float() @ b8.float().t()) / (sa * sb)",
              "return (a8.float() @ b8.float().t()) * (sa * sb)"),
-            ("b8, sb = quantize(b_t, E4M3)", "b8, sb = quantize(b_t, E5M2)")],
-        2: [("g8, sg = quantize(gy, E5M2)", "g8, sg = quantize(gy, E4M3)"),
+            ("b8, sb = to_float8(b_t, E4M3)", "b8, sb = to_float8(b_t, E5M2)")],
+        2: [("g8, sg = to_float8(gy, E5M2)", "g8, sg = to_float8(gy, E4M3)"),
             ("grad_x = (g8.float() @ w8.float()) / (sg * sw)",
              "grad_x = (g8.float() @ w8.float()) / sw"),
             ("grad_w = (g8.float().t() @ x8.float()) / (sg * sx)",
@@ -159,6 +163,15 @@ MUTANTS = {
              "return (x.float() * scale).to(dtype)"),             # no saturation
             ("fmax = torch.finfo(dtype).max", "fmax = 448.0"),    # e4m3's max for all
             ("(x.float() * scale)", "(x.float() / scale)")],
+        4: [("scales = 448.0 / amax", "scales = 57344.0 / amax"),   # e5m2's maximum
+            ("reshape(m, k // block, block)", "reshape(m, block, k // block)"),
+            ("tiles.abs().amax(dim=-1)", "tiles.abs().amax(dim=-1).amax(dim=-1, "
+             "keepdim=True)")],                                     # one per row
+        5: [("torch.trunc(acc * 2.0 ** (bits - e))",
+             "torch.round(acc * 2.0 ** (bits - e))"),               # to nearest
+            ("            acc = torch.zeros((), dtype=torch.float64)\n",
+             "            pass\n"),                                  # never restarts
+            ("_, e = torch.frexp(acc)", "_, e = torch.frexp(t)")],
     },
     "10-mixed-precision-loop": {
         1: [("            p.copy_(m)\n", "            pass\n"),    # not copied back
@@ -174,6 +187,11 @@ MUTANTS = {
             ("    scaler.update()\n", ""),                          # scale never moves
             ("    opt.zero_grad(set_to_none=True)\n", ""),          # grads accumulate
             ("scaler.scale(loss).backward()", "loss.backward()")],
+        4: [("absmax = blocks.abs().amax(dim=1)",
+             "absmax = blocks.abs().amax().expand(blocks.shape[0])"),  # one scale
+            ("torch.bucketize(normed.flatten(), midpoints)",
+             "torch.bucketize(normed.flatten(), code[1:])"),            # rounds down
+            ("pad = (-flat.numel()) % block_size", "pad = 0")],          # no padding
     },
     "11-zero-by-hand": {
         1: [("end = start + base + (1 if rank < extra else 0)",
