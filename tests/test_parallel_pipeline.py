@@ -143,10 +143,12 @@ def naive_ops(plan, r: int, p: int, v: int) -> list[tuple[str, int]]:
     out, last = [], p * v - 1
     for a in plan:
         k = a.chunk * p + r
+        prev, nxt = ("recv", (r - 1) % p), ("send", (r + 1) % p)
         if a.kind == "F":
-            out += [("recv", (r - 1) % p)] * (k > 0) + [("send", (r + 1) % p)] * (k < last)
+            out += [prev] * (k > 0) + [nxt] * (k < last)
         if a.kind == "B":
-            out += [("recv", (r + 1) % p)] * (k < last) + [("send", (r - 1) % p)] * (k > 0)
+            out += [("recv", (r + 1) % p)] * (k < last)
+            out += [("send", (r - 1) % p)] * (k > 0)
     return out
 
 
@@ -175,8 +177,13 @@ def test_run_pipeline_posts_the_placed_operations(monkeypatch, schedule, v):
             return SimpleNamespace(wait=lambda: None)
         return op
 
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an untimed step waited for the device or the ranks")
+
     monkeypatch.setattr(dist, "isend", fake("send"))
     monkeypatch.setattr(dist, "irecv", fake("recv"))
+    monkeypatch.setattr(dist, "barrier", forbidden)
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden)
     cfg = GPTConfig(vocab_size=32, block_size=8, n_layer=p * v, n_head=2, n_embd=16)
     plans = [make_plan(schedule, r, p, m, v) for r in range(p)]
     for r, ops in enumerate(with_comms(plans, v)):
