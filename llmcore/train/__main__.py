@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import sys
 from pathlib import Path
 
@@ -68,6 +69,10 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got "
                                          f"{text}")
     return value
+
+
+def stop_now(signum, frame):
+    raise KeyboardInterrupt(signum)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -155,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     if "max_steps" in changes:  # keep the warm-up inside a shortened run
         changes["warmup_steps"] = min(preset.train.warmup_steps, args.steps // 10)
     preset = override(preset, train=override(preset.train, **changes))
+    # SIGTERM as Ctrl-C outside the training steps (which finish and save first), so
+    # that the lock is released and the command ends with one line either way.
+    old_term = signal.signal(signal.SIGTERM, stop_now)
     try:
         model, history, _ = run(preset, rt, args.out, resume=args.resume,
                                 overwrite=args.overwrite, mesh=mesh,
@@ -165,6 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     except TextDataError as err:  # your own text cannot be used: say why, no trace
         print(f"llmcore.train: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:
+        signum = (stop.args[0] if stop.args and isinstance(stop.args[0], int)
+                  else signal.SIGINT)
+        print(f"llmcore.train: stopped at once by {signal.Signals(signum).name}; "
+              f"{args.out} keeps the last checkpoint saved before", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
     last = history.eval_loss[-1] if history.eval_loss else float("nan")
