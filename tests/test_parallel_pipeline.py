@@ -324,5 +324,5 @@ def test_measured_bubbles_follow_the_formulas():
     # messages and a shared machine add idle time, hence the tolerance; a schedule
     # that did not overlap the stages fails the ordering
     for s in schedules:
-        assert abs(measured[s] - formula[s]) < 0.15, (measured, formula)
+        assert abs(measured[s] - formula[s]) < 0.2, (measured, formula)
     assert measured["1f1b"] < measured["sequential"] - 0.1, measured
