@@ -46,8 +46,9 @@ def launch(out, nproc: int, *flags: str) -> tuple[dict, dict]:
 def reference():
     """What the 6-step fp32 runs below compute, on one process: the same initial
     weights (seed 0), each step's global batch of 2 x 12 rows from
-    ``global_batches``, the same schedule. Returns (losses, whole weights); the
-    losses are those of the first 12 rows, which rank 0 of a mesh reports."""
+    ``global_batches``, the same schedule. Returns (losses, whole weights at the
+    end, at step 5); the losses are those of the first 12 rows, which rank 0 of a
+    mesh reports."""
     rt = setup(seed=0, tier="cpu")
     preset = rt.pick(PRESETS["shakespeare-char"])
     cfg = override(preset.train, max_steps=6, warmup_steps=0, progress=False)
@@ -63,8 +64,13 @@ def reference():
         rank0.append(F.cross_entropy(logits[:rows].flatten(0, 1),
                                      batch[1][:rows].flatten()).item())
         return loss
-    train(model, batches, cfg, loss_fn=loss_fn)
-    return rank0, model.state_dict()
+    at_5 = {}
+
+    def keep(done, *_):
+        if done == 5:
+            at_5.update({k: v.clone() for k, v in model.state_dict().items()})
+    train(model, batches, cfg, loss_fn=loss_fn, on_step=keep)
+    return rank0, model.state_dict(), at_5
 
 
 def test_global_batches_are_a_function_of_seed_and_step():
@@ -107,19 +113,30 @@ def test_mesh_run_resumes_on_fewer_processes(tmp_path, reference):
     assert all(type(t) is torch.Tensor for t in state.values())
 
     metrics, state = launch(out, 2, "--dp", "2", "--tp", "1", "--steps", "6",
-                            "--resume")
+                            "--stop-at", "5", "--resume")
     loss = metrics["history"]["loss"]
-    assert len(loss) == 6 and loss[:3] == before  # continued, not restarted
+    assert len(loss) == 5 and loss[:3] == before  # continued, not restarted
     assert metrics["resumes"][0]["at_step"] == 3
     assert any("mesh" in c for c in metrics["resumes"][0]["changes"])
-    assert read_checkpoint(out / "ckpt.pt")["step"] == 6
+    assert read_checkpoint(out / "ckpt.pt")["step"] == 5
     # Only the tensor-parallel degree changed: the same global batches, so the run
     # is one device's on them, up to fp32 rounding of the other reductions. Fresh
     # batches (or fresh weights) after the resume would be off by far more.
-    ref_loss, ref_state = reference
-    assert loss == pytest.approx(ref_loss, rel=1e-4)
+    ref_loss, _, ref_state = reference
+    assert loss == pytest.approx(ref_loss[:5], rel=1e-4)
     for name, t in state.items():
         torch.testing.assert_close(t, ref_state[name], rtol=1e-3, atol=1e-4)
+    # and the last step on one process, without torchrun: a group of one, sharded
+    # all the same. Its global batch is one row's 12 rows, the 12 that rank 0 drew
+    # before: the same loss at the same weights.
+    assert main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "6",
+                 "--no-progress", "--out", str(out), "--dp", "1", "--tp", "1",
+                 "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"]["loss"][:5] == loss
+    assert metrics["history"]["loss"][5] == pytest.approx(ref_loss[5], rel=1e-4)
+    assert [r["at_step"] for r in metrics["resumes"]] == [3, 5]
+    assert sharded.read_checkpoint(out / "ckpt.dcp")["step"] == 6
     with pytest.raises(ValueError, match="final weights of a --dp/--tp run; resume "
                                          "it with --dp/--tp under torchrun"):
         main(["--preset", "shakespeare-char", "--tier", "cpu", "--steps", "8",

@@ -30,7 +30,8 @@ from llmcore.data.textfiles import (TextDataError, prepare_text, remove_cache,
 from llmcore.generate import generate
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel.native import full_state, init_distributed, parallelize_gpt
+from llmcore.parallel.native import (apply_fsdp, full_state, init_distributed,
+                                     parallelize_gpt)
 from llmcore.parallel.rng import rank_seed
 from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
@@ -144,9 +145,13 @@ def build_model(preset: RunPreset, vocab_size: int) -> GPT:
 
 
 def join_mesh(dp: int, tp: int):
-    """This process's ``DistInfo`` in torchrun's group, if it has ``dp * tp`` ranks."""
+    """This process's ``DistInfo`` in torchrun's group, if it has ``dp * tp`` ranks
+    (``--dp 1 --tp 1`` without torchrun: a group of this one process)."""
     info = init_distributed()
-    if info.world_size < 2:
+    if dp * tp == 1 and not dist.is_initialized():  # one process, no torchrun
+        dist.init_process_group("nccl" if info.device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+    if info.world_size < 2 and dp * tp > 1:
         raise ValueError(f"--dp {dp} --tp {tp} needs several processes; start the run "
                          f"with `torchrun --nproc_per_node {dp * tp} -m llmcore.train "
                          "...`")
@@ -164,6 +169,9 @@ def prepare_mesh(model: torch.nn.Module, dp: int, tp: int,
     info = join_mesh(dp, tp)
     mesh = init_device_mesh(info.device.type, (dp, tp), mesh_dim_names=("dp", "tp"))
     model = parallelize_gpt(model.to(info.device), mesh, param_dtype=param_dtype)
+    if dp * tp == 1:  # sharded over its one rank all the same, so that it saves the
+        # shards any layout reads, and reads theirs
+        apply_fsdp(model, mesh["dp"], param_dtype)
     return model, info, mesh
 
 
