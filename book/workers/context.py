@@ -1,5 +1,6 @@
 """Context-parallel experiments: ring attention against one device's causal SDPA,
-a GPT block on sharded tokens, and what a rank holds and sends (chapter 16)."""
+a GPT block on sharded tokens, what a rank holds and sends, and the ring's schedule
+(chapter 16)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from book.workers.tensor import block_layouts, pairs
 from llmcore.models.gpt import GPT
 from llmcore.parallel.activations import saved_bytes
 from llmcore.parallel.comm import Comm
@@ -70,7 +72,7 @@ def ring_check(shape: tuple, layout: str = "zigzag", seed: int = 0,
             "backward_bytes": cp.comm.stats.payload["send"] - forward_bytes,
             "sends": cp.comm.stats.calls["send"], "saved": saved,
             "ref_saved": ref_saved, "score_elements": cp.score_elements,
-            "positions": cp.positions(shape[2]).tolist()}
+            "positions": cp.positions(shape[2]).tolist(), "schedule": cp.schedule}
 
 
 def block_check(cfg, batch: int = 2, layout: str = "zigzag", seed: int = 0,
@@ -106,9 +108,14 @@ def block_check(cfg, batch: int = 2, layout: str = "zigzag", seed: int = 0,
 
 
 def context_demo(rank: int, world_size: int, cfg, batch: int = 2) -> dict:
-    """What chapter 16 runs: ring attention on the demo GPT's attention shape in both
-    layouts, and one of its blocks on sharded tokens (zigzag)."""
+    """What chapter 16 runs on its ranks (groups of two and all of them): a GPT
+    block tensor and sequence parallel on both; ring attention on the demo GPT's
+    attention shape in both layouts, and one of its blocks on sharded tokens
+    (zigzag), on all of them."""
     shape = (batch, cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head)
+    pair = pairs(rank, world_size)
     return {"shape": shape,
+            "layouts": {2: block_layouts(cfg, batch, pair),
+                        world_size: block_layouts(cfg, batch)},
             "ring": {lay: ring_check(shape, lay) for lay in ("contiguous", "zigzag")},
             "block": block_check(cfg, batch, "zigzag")}

@@ -95,7 +95,9 @@ class ContextParallel:
 
     ``layout``: ``"zigzag"`` (balanced under the causal mask) or ``"contiguous"``.
     Counts what a step costs: bytes sent (``comm.stats``, op ``"send"``) and the
-    attention-score elements this rank computed per (batch, head), ``score_elements``.
+    attention-score elements this rank computed per (batch, head), ``score_elements``;
+    ``schedule`` lists, per forward ring step, (step, rank whose keys and values were
+    used, chunk pairs computed).
     """
 
     def __init__(self, comm: Comm, layout: str = "zigzag"):
@@ -104,6 +106,7 @@ class ContextParallel:
         self.layout = layout
         self.ids = chunk_ids(self.rank, self.n, layout)
         self.score_elements = 0
+        self.schedule: list[tuple[int, int, int]] = []
 
     def shard(self, x: Tensor, dim: int = -2) -> Tensor:
         return shard_sequence(x, self.rank, self.n, self.layout, dim)
@@ -170,7 +173,10 @@ class _RingAttention(torch.autograd.Function):
         for step in range(cp.n):
             # start passing this block on before computing with it: overlap
             pending = cp._shift([kv]) if step < cp.n - 1 else None
-            for qs, ks, diag in cp._pairs((cp.rank - step) % cp.n, c):
+            src = (cp.rank - step) % cp.n
+            pairs = list(cp._pairs(src, c))
+            cp.schedule.append((step, src, len(pairs)))
+            for qs, ks, diag in pairs:
                 o, l = _block(q[..., qs, :], kv[0][..., ks, :], kv[1][..., ks, :],
                               diag, scale)
                 cp.score_elements += c * c
