@@ -14,6 +14,8 @@ import time
 import pytest
 import torch
 
+import llmcore.train.sharded as sharded
+from llmcore.parallel.launch import free_port
 from llmcore.train import read_checkpoint, train
 from llmcore.train.loop import TrainConfig
 from llmcore.train.outdir import LOCK
@@ -54,13 +56,17 @@ sys.exit(main(["--preset", "tiny", "--tier", "cpu", "--no-progress", *sys.argv[2
 """
 
 
-def start(tmp_path, *flags, pace=0.0):
+def start(tmp_path, *flags, pace=0.0, nproc=0):
+    """The driver as a process; with ``nproc``, under torchrun with that many
+    ranks, in a session of its own (so that the test can signal the whole job)."""
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, str(script), str(pace), *flags],
+    run = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+           str(nproc), "--master_port", str(free_port())] if nproc else [sys.executable]
+    return subprocess.Popen([*run, str(script), str(pace), *flags],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=os.getcwd())
+                            env=env, cwd=os.getcwd(), start_new_session=bool(nproc))
 
 
 def wait_for_step(proc, step: int) -> None:
@@ -170,3 +176,40 @@ def test_an_error_in_the_final_evaluation_keeps_the_final_checkpoint(tmp_path):
     saved = read_checkpoint(path)
     assert saved["step"] == 6 and len(saved["extra"]["history"]["loss"]) == 6
     assert saved["extra"]["history"]["eval_step"] == [3]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_mesh_run_signalled_as_a_job_saves_its_shards_and_resumes_exactly(
+        tmp_path):
+    """SIGTERM to torchrun and its ranks at once, as a scheduler or a terminal sends
+    it (torchrun then forwards it to the ranks a second time)."""
+    flags = ("--steps", "24", "--dp", "2")
+    whole = tmp_path / "whole"
+    code, _, err = finish(start(tmp_path, *flags, "--out", str(whole), nproc=2))
+    assert code == 0, err
+    out = tmp_path / "run"
+    proc = start(tmp_path, *flags, "--out", str(out), nproc=2, pace=0.1)
+    wait_for_step(proc, 3)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, _, err = finish(proc)
+    assert code != 0
+    ours = [line for line in err.splitlines() if line.startswith("llmcore.train")]
+    assert len(ours) == 1, err  # one line, from rank 0
+    assert ours[0].startswith("llmcore.train: stopped by SIGTERM after step "), err
+    stopped = int(ours[0].split("after step ")[1].split(";")[0])
+    assert 3 <= stopped < 24
+    assert sharded.read_checkpoint(out / "ckpt.dcp")["step"] == stopped
+    assert not (out / LOCK).exists()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == \
+        ["ckpt.dcp"]
+    code, _, err = finish(start(tmp_path, *flags, "--out", str(out), "--resume",
+                                nproc=2))
+    assert code == 0, err
+    history = json.loads((out / "metrics.json").read_text())["history"]
+    expected = json.loads((whole / "metrics.json").read_text())["history"]
+    assert history["loss"] == expected["loss"]
+    assert history["eval_loss"] == expected["eval_loss"]
+    weights = read_checkpoint(out / "ckpt.pt")["model"]
+    for name, t in read_checkpoint(whole / "ckpt.pt")["model"].items():
+        assert torch.equal(weights[name], t), name

@@ -39,6 +39,8 @@ import signal
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from llmcore.config import override
 from llmcore.data.textfiles import TextDataError
 from llmcore.runtime import setup
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                                 overwrite=args.overwrite, mesh=mesh,
                                 stop_at=args.stop_at)
     except Interrupted as stop:
-        print(f"llmcore.train: {stop}", file=sys.stderr)
+        if not (dist.is_initialized() and dist.get_rank() > 0):  # one line per run
+            print(f"llmcore.train: {stop}", file=sys.stderr)
         return 128 + stop.signum  # the shell's status for a process a signal ended
     except TextDataError as err:  # your own text cannot be used: say why, no trace
         print(f"llmcore.train: {err}", file=sys.stderr)

@@ -200,11 +200,13 @@ def stop_signals(enabled: bool):
             signal.signal(s, h)
 
 
-def stop_requested(flag: dict, collective: bool) -> int | None:
-    """The signal this process (or, collectively, any rank) received, or None."""
+def stop_requested(flag: dict, collective: bool,
+                   device: torch.device | None = None) -> int | None:
+    """The signal this process (or, collectively, any rank) received, or None;
+    ``device``: where the group's backend reduces (NCCL: the rank's GPU)."""
     if not collective:
         return flag["signum"]
-    got = torch.tensor([flag["signum"] or 0])
+    got = torch.tensor([flag["signum"] or 0], device=device)
     dist.all_reduce(got, op=dist.ReduceOp.MAX)  # every rank stops at the same step
     return int(got) or None
 
@@ -323,7 +325,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                 loss, grad_norm = update(batches)
                 # A stop is decided before the next batches are drawn, so that its
                 # checkpoint holds the generator's state for the next step.
-                signum = stop_requested(flag, collective) if (
+                signum = stop_requested(flag, collective, device) if (
                     ckpt_path is not None and done < end and (
                         not collective or saving or done % cfg.log_interval == 0)) \
                     else None
