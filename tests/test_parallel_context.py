@@ -74,6 +74,14 @@ def test_ring_attention_and_a_gpt_block_on_two_and_four_ranks_equal_one_device()
             work = {lay: res[n][lay]["score_elements"] for lay in LAYOUTS}
             assert work["contiguous"] == (rank % n + 1) * (t // n) ** 2
             assert work["zigzag"] == (2 * n + 1) * (t // (2 * n)) ** 2
+            # the schedule: at step s the block of rank r - s, its pairs counted
+            for lay in LAYOUTS:
+                sched = res[n][lay]["schedule"]
+                assert [(s, src) for s, src, _ in sched] == [
+                    (s, (rank % n - s) % n) for s in range(n)]
+            pairs = {lay: [k for *_, k in res[n][lay]["schedule"]] for lay in LAYOUTS}
+            assert sum(pairs["contiguous"]) == rank % n + 1
+            assert pairs["zigzag"] == [3] + [2] * (n - 1)
         for gaps in res["block"]:
             assert max(gaps.values()) < TOL, gaps
         assert res["rope"] < TOL
