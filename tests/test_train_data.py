@@ -32,13 +32,12 @@ def folder(tmp_path, monkeypatch):
     (root / "b").mkdir(parents=True)
     (root / ".hidden").mkdir()
     (root / "a.txt").write_text(TEXT[:3000], encoding="utf-8")  # ends mid-line
-    (root / "b" / "c.txt").write_bytes(b"\xef\xbb\xbf" + ("naïve café ünï 日本語 🙂🙂 "
-                                                        * 20).encode())
+    unicode = "naïve café ünï 日本語 🙂🙂 " * 20  # characters of 2, 3 and 4 bytes
+    (root / "b" / "c.txt").write_bytes(b"\xef\xbb\xbf" + unicode.encode())
     (root / "z.txt").write_text(TEXT[3000:] + "\n", encoding="utf-8")
     (root / ".hidden" / "x.txt").write_text("never read")
     (root / "notes.md").write_text("never read")
-    whole = TEXT[:3000] + "\n" + "naïve café ünï 日本語 🙂🙂 " * 20 + "\n" + \
-        TEXT[3000:] + "\n"
+    whole = TEXT[:3000] + "\n" + unicode + "\n" + TEXT[3000:] + "\n"
     return root, whole
 
 
