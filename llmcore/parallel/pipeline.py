@@ -97,8 +97,7 @@ def run_pipeline(stages: nn.Module | list[nn.Module], schedule: str, comm: Comm,
     xs, ys = x.chunk(n_micro), y.chunk(n_micro)
     param = next(chunks[0].parameters())
     dt = param.dtype  # activations travel in the model dtype
-    inputs, outputs, input_grads, received = {}, {}, {}, {}
-    held, sends, events = set(), [], []
+    inputs, outputs, input_grads, received, sends, events = {}, {}, {}, {}, [], []
     loss, peak = torch.zeros((), device=param.device), 0
     if clock is not None:
         dist.barrier(group=comm.group)  # start together: one time axis for all
@@ -127,20 +126,20 @@ def run_pipeline(stages: nn.Module | list[nn.Module], schedule: str, comm: Comm,
                 out = lm_loss(out, ys[a.mb]) / n_micro  # the mean over micro-batches
                 loss += out.detach()
             inputs[key], outputs[key] = inp, out
-            held.add(key)
         elif a.kind == "B":
             grad = None if k == last else _wait(received.pop(("RECV_B", key)))
             start = clock() if clock else 0.0
             with weight_grads.capture(key) if split else contextlib.nullcontext():
                 outputs.pop(key).backward(grad)
-            input_grads[key] = inputs.pop(key).grad  # for the previous stage
-            if not split:
-                held.discard(key)
+            inp = inputs.pop(key)
+            if k > 0:
+                input_grads[key] = inp.grad  # for the previous stage
         else:  # W: the weight gradients B left waiting
             start = clock() if clock else 0.0
             weight_grads.run(key)
-            held.discard(key)
-        peak = max(peak, len(held))
+        # activations alive: graphs not yet run backward, and tensors kept for a W
+        waiting = weight_grads.queues.keys() if split else set()
+        peak = max(peak, len(outputs.keys() | waiting))
         if clock is not None:
             events.append({"stage": r, "kind": a.kind, "mb": a.mb, "chunk": a.chunk,
                            "start": start, "end": clock()})
