@@ -40,7 +40,7 @@ MERMAID_VERSION := 12.3.0
 MERMAID := _static/mermaid/mermaid.esm.min.mjs
 
 .PHONY: help venv test execute book book-student notebooks student-labs lock clean \
-        test-gpu gpu-wheels check-site
+        test-gpu gpu-wheels gpu-wheels-check check-site
 
 help:
 	@echo "make test          run the unit tests and every notebook (nbval), in parallel"
@@ -52,6 +52,7 @@ help:
 	@echo "make check-site    open every page of the built book in headless Chromium"
 	@echo "make test-gpu      gpu-tier tests, notebooks and benchmarks on a CUDA GPU"
 	@echo "make gpu-wheels    download the notebook tool chain for an offline GPU machine"
+	@echo "make gpu-wheels-check  prove that tool chain complete on this machine"
 
 venv: $(VENV)/.installed
 
@@ -135,25 +136,46 @@ test-gpu:
 	$(PY) -m tools.bench gpucheck --commit $(COMMIT) $(GPU_CHECK_ARGS)
 
 # The notebook tool chain as wheels for the GPU machine (Python 3.12, manylinux
-# x86-64, offline), at the versions constraints.txt pins; its python3 has the rest.
-GPU_WHEELS := jupytext nbval nbclient ipykernel nbformat jupyter_client jupyter_core \
-  traitlets pyzmq tornado comm debugpy ipython matplotlib-inline jedi parso pexpect \
-  ptyprocess prompt_toolkit wcwidth stack-data executing asttokens pure_eval \
-  ipython_pygments_lexers fastjsonschema jsonschema jsonschema-specifications \
-  referencing rpds-py platformdirs mdit-py-plugins
+# x86-64, offline): the full dependency closure of requirements-gpu.txt at the
+# versions constraints.txt pins, less what that machine's python3 has (GPU_HAS).
+GPU_HAS := torch numpy matplotlib pytest pytest_xdist hypothesis accelerate tqdm \
+  pyyaml PyYAML requests
 WHEEL_PLATFORMS := $(foreach n,39 35 34 31 28 27 24 17,--platform manylinux_2_$(n)_x86_64) \
   --platform manylinux2014_x86_64 --platform manylinux1_x86_64
+GPU_PY := --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none \
+  $(WHEEL_PLATFORMS) --platform any
+# closure DIR [pip download options]: the wheels of requirements-gpu.txt and of
+# everything they need, then those the GPU machine has removed.
+define closure
+	rm -rf $(1) && mkdir -p $(1)
+	$(PY) -m pip download -q --only-binary=:all: $(2) -d $(1) \
+	  -r requirements-gpu.txt -c constraints.txt
+	for n in $(GPU_HAS); do rm -f $(1)/$$n-[0-9]*.whl; done
+endef
 
 gpu-wheels: $(USE_VENV)
-	rm -rf .whl && mkdir -p .whl
-	pins=$$(for n in $(GPU_WHEELS); do \
-	  grep -iE "^$$(echo $$n | sed 's/[-_]/[-_]/g')==" constraints.txt \
-	  || { echo "gpu-wheels: $$n is not pinned in constraints.txt" >&2; exit 1; }; done); \
-	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
-	  --implementation cp --abi cp312 --abi abi3 --abi none $(WHEEL_PLATFORMS) \
-	  --platform any -d .whl $$pins
+	$(call closure,.whl,$(GPU_PY))
 	git rev-parse HEAD > .whl/COMMIT 2>/dev/null || true
 	@echo "$$(ls .whl/*.whl | wc -l) wheels, $$(du -sh .whl | cut -f1) in .whl/"
+
+# The same closure for this machine's Python, installed with --no-index into a fresh
+# venv holding only what the GPU machine's python3 has: the tests and notebooks must
+# collect, and one notebook run under nbval.
+CHECK_VENV := _build/gpu-wheels-check
+gpu-wheels-check: $(USE_VENV)
+	rm -rf $(CHECK_VENV) && $(PYTHON) -m venv $(CHECK_VENV)/venv
+	$(CHECK_VENV)/venv/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(CHECK_VENV)/venv/bin/python -m pip install -q numpy matplotlib pytest \
+	  pytest-xdist hypothesis accelerate tqdm pyyaml requests -c constraints.txt
+	$(call closure,$(CHECK_VENV)/wheels,)
+	$(CHECK_VENV)/venv/bin/python -m pip install -q --no-index --no-deps \
+	  --target $(CHECK_VENV)/site $(CHECK_VENV)/wheels/*.whl
+	export PYTHONPATH=$(CURDIR)/$(CHECK_VENV)/site:$(CURDIR); \
+	$(CHECK_VENV)/venv/bin/python -m pytest -q --collect-only tests >/dev/null && \
+	$(CHECK_VENV)/venv/bin/python -m pytest -q --collect-only --nbval-lax \
+	  --nbval-current-env book labs >/dev/null && \
+	$(CHECK_VENV)/venv/bin/python -m pytest -q --nbval-lax --nbval-current-env \
+	  book/02-core-concepts.md && echo "gpu-wheels-check: the closure is complete"
 
 lock: venv
 	( echo "# Exact versions CI installs (pip install -r requirements.txt -c constraints.txt)."; \

@@ -12,14 +12,15 @@ device. What a GPU would refuse is an error here too:
 * a shape only the gpu-tier sizes reach;
 * a precision the device class lacks (bf16 on a T4).
 
-Cells that need a number from a tensor (a print, an assert, a plot) cannot run on
-``meta``; the dry run skips the rest of such a cell and goes on with the next.
+Statements that need a number from a tensor (a print, an assert, a plot) cannot run
+on ``meta``; the dry run runs a page statement by statement and skips each such one.
 Multi-process launches and subprocesses are skipped: they run at the cpu tier in the
 other tests. The command line's and the benchmarks' gpu presets are run the same way.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import os
 import signal
@@ -109,7 +110,8 @@ def timeout(signum, frame):
 
 
 def run_cells(cells: list[str], dry: DryRun, cwd: Path, name: str) -> int:
-    """Execute ``cells`` in one namespace; return how many ran to their end."""
+    """Execute ``cells`` in one namespace, statement by statement; return how many
+    cells ran to their end."""
     namespace = {"__name__": "__dry_run__"}
     done = 0
     old = signal.signal(signal.SIGALRM, timeout)
@@ -119,16 +121,22 @@ def run_cells(cells: list[str], dry: DryRun, cwd: Path, name: str) -> int:
         for i, code in enumerate(cells):
             lines = [ln for ln in code.splitlines()
                      if not ln.lstrip().startswith(("%", "!"))]
-            signal.alarm(CELL_SECONDS)
-            try:
-                exec(compile("\n".join(lines), f"{name}[{i}]", "exec"), namespace)
-                done += 1
-            except Exception as err:  # noqa: BLE001 - classified below
-                text = f"{type(err).__name__}: {err}"
-                if any(s in text for s in DEVICE_ERRORS):
-                    dry.failures.append(f"cell {i}: {text[:300]}")
-            finally:
-                signal.alarm(0)
+            tree = ast.parse("\n".join(lines))
+            ok = True
+            for stmt in tree.body:  # one at a time: a read of a value skips only it
+                signal.alarm(CELL_SECONDS)
+                try:
+                    exec(compile(ast.Module([stmt], []), f"{name}[{i}]", "exec"),
+                         namespace)
+                except Exception as err:  # noqa: BLE001 - classified below
+                    ok = False
+                    text = f"{type(err).__name__}: {err}"
+                    if any(s in text for s in DEVICE_ERRORS):
+                        dry.failures.append(f"cell {i}, line {stmt.lineno}: "
+                                            f"{text[:300]}")
+                finally:
+                    signal.alarm(0)
+            done += ok
     finally:
         os.chdir(here)
         signal.signal(signal.SIGALRM, old)

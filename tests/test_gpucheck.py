@@ -85,3 +85,13 @@ def test_run_stage_interrupts_a_command_past_its_time():
     rc, secs = gpucheck.run_stage(["sleep", "30"], timeout=1)
     assert rc == 124 and secs < 10
     assert gpucheck.run_stage(["true"], timeout=5)[0] == 0
+
+
+def test_the_gpu_check_writes_only_gpu_result_files():
+    # parallel measures CPU processes: a GPU host must not rewrite its CPU file
+    assert "parallel" not in gpucheck.BENCHMARKS
+    assert results.device_part("cuda", "NVIDIA H100 80GB HBM3") == "h100-80gb-hbm3"
+    assert results.device_part("cpu", "CPU x86_64, 2 threads") == "cpu"
+    for name in gpucheck.BENCHMARKS:  # each names its file by the device it ran on
+        source = (ROOT / "tools" / "bench" / f"{name}.py").read_text()
+        assert "device_part(" in source or "gpu_slug(" in source, name

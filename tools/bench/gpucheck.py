@@ -36,7 +36,9 @@ from llmcore.runtime import device_caps
 from tools.bench.results import results_dir, slug
 from tools.notebooks import find_root, notebooks
 
-BENCHMARKS = ("speed", "fp8", "parallel", "mfu")
+# The GPU benchmarks, each writing results/<name>-<gpu>...json; `parallel` measures
+# CPU processes and is run on CPUs only, so a GPU host never rewrites its CPU file.
+BENCHMARKS = ("speed", "fp8", "mfu")
 NO_GPU = ("make test-gpu needs a CUDA GPU, and torch {torch} sees none "
           "(CUDA build: {cuda}). Run it on a machine with an NVIDIA GPU; on this one, "
           "`make test` runs the cpu tier.")
@@ -60,24 +62,37 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def default_signals() -> None:
+    """In the child: SIGINT and SIGTERM back to their defaults (a parent that ignores
+    them, as a test runner's worker may, would otherwise pass that on)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def run_stage(cmd: list[str], timeout: float, env: dict | None = None,
-              cwd: Path | None = None) -> tuple[int, float]:
-    """Run ``cmd``; past ``timeout`` interrupt it (so pytest still reports), then kill.
+              cwd: Path | None = None, grace: float = 15.0) -> tuple[int, float]:
+    """Run ``cmd``; past ``timeout`` interrupt its process group (SIGINT, so pytest
+    still reports), after ``grace`` seconds terminate it, then kill it.
     Returns (exit status, seconds); status 124 means it ran out of time."""
     print("$", " ".join(cmd), flush=True)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
+                            preexec_fn=default_signals)
     try:
-        rc = proc.wait(timeout=max(timeout, 1))
+        return proc.wait(timeout=max(timeout, 1)), time.perf_counter() - start
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
+        pass
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGKILL):
         try:
-            proc.wait(timeout=30)
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+            break
+        except ProcessLookupError:
+            break
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        rc = 124
-    return rc, time.perf_counter() - start
+            continue
+    proc.wait()
+    return 124, time.perf_counter() - start
 
 
 def notebook_report(times_file: Path, root: Path) -> dict[str, dict]:
@@ -153,7 +168,7 @@ def main(argv: list[str]) -> int:
     todo = list(args.benchmarks)
     for i, name in enumerate(todo):
         if not (from_pkg / f"{name}.py").is_file():
-            print(f"benchmark {name!r}: llmcore/bench/{name}.py does not exist; "
+            print(f"benchmark {name!r}: tools/bench/{name}.py does not exist; "
                   "skipped", flush=True)
             record["benchmarks"][name] = {"status": "missing"}
             continue

@@ -30,7 +30,7 @@ from llmcore.config import Tiered
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.runtime import device_name, setup
 from llmcore.train import TrainConfig, train
-from tools.bench.results import slug
+from tools.bench.results import device_part
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "date": datetime.datetime.now(
             datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    name = slug(device_name(rt.device)) if rt.device.type == "cuda" else "cpu"
+    name = device_part(rt.device.type, device_name(rt.device))
     out = Path(args.out) / f"mfu-{name}-{args.precision}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

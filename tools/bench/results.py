@@ -31,6 +31,12 @@ def slug(gpu_name: str) -> str:
     return "-".join(words) or "gpu"
 
 
+def device_part(device_type: str, name: str) -> str:
+    """The device's part of a result's file name: the GPU's slug, or ``cpu``. A run
+    on one device never writes another device's file."""
+    return slug(name) if device_type == "cuda" else "cpu"
+
+
 def load(name: str, root: Path | str | None = None) -> dict:
     """The result ``results/NAME.json`` (``name`` with or without ``.json``)."""
     path = results_dir(root) / (name if name.endswith(".json") else f"{name}.json")

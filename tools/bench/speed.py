@@ -41,7 +41,7 @@ from llmcore.train import TrainConfig, train
 from tools.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
 from tools.bench.parallel import realtime
 from tools.bench.profile import profiled
-from tools.bench.results import slug
+from tools.bench.results import device_part
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = realtime() if args.realtime else "normal"  # the ladder too
     rt = setup(seed=0)
     cuda = rt.device.type == "cuda"
-    name = slug(device_name(rt.device)) if cuda else "cpu"
+    name = device_part(rt.device.type, device_name(rt.device))
     path = Path(args.out) / f"speed-{name}.json"
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({
