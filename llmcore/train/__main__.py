@@ -73,6 +73,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+MAX_SEED = 2**32 - 1  # NumPy's range; a rank's seed adds an offset (parallel.rng)
+
+
+def seed_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must lie in [0, {MAX_SEED}], got {value}")
+    return value
+
+
 def stop_now(signum, frame):
     raise KeyboardInterrupt(signum)
 
@@ -86,7 +99,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         f"recipe to train with (default: {DATA_PRESET})")
     p.add_argument("--tier", choices=["cpu", "gpu"], default=None,
                    help="preset size (default: from the device)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None)
+    p.add_argument("--precision", choices=(*PRECISIONS, "auto"), default=None,
+                   help="training precision (default: the preset's; auto: the "
+                        "device's own, fp16 on a T4, bf16 from Ampere on)")
     p.add_argument("--steps", type=positive_int, default=None,
                    help="override max_steps")
     p.add_argument("--stop-at", type=positive_int, default=None,
@@ -102,7 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="continue the run in OUT from OUT/ckpt.pt")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run already in OUT")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0,
+                   help=f"random seed, a whole number in [0, {MAX_SEED}] (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     mesh = p.add_argument_group(
         "parallel training (under torchrun; dp x tp = the processes it starts)")

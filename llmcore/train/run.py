@@ -39,6 +39,7 @@ from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
 from llmcore.train.outdir import SHARDS, claim_out
 from llmcore.train.resume import MAY_CHANGE, check_resume
+from llmcore.train.step import resolve_precision
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,9 @@ class RunPreset:
 
 PRESETS: dict[str, Tiered[RunPreset]] = {
     # CPU: the book's target, validation loss <= 1.9 within 2,000 steps (nanoGPT's CPU
-    # recipe, a higher learning rate). GPU: nanoGPT's shakespeare-char model, compiled
-    # (on a GPU torch.compile fuses the element-wise kernels; on a CPU it costs ~25 s of
+    # recipe, a higher learning rate). GPU: nanoGPT's shakespeare-char model in the
+    # device's own precision (fp16 on a T4, bf16 from Ampere on), compiled (on a GPU
+    # torch.compile fuses the element-wise kernels; on a CPU it costs ~25 s of
     # compilation and gains nothing at this size).
     "shakespeare-char": Tiered(
         cpu=RunPreset("shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=64,
@@ -90,7 +92,7 @@ PRESETS: dict[str, Tiered[RunPreset]] = {
         gpu=RunPreset("shakespeare", n_layer=6, n_head=6, n_embd=384, block_size=256,
                       batch_size=64, dropout=0.2, train=TrainConfig(
                           max_steps=5000, lr=1e-3, warmup_steps=100, betas=(0.9, 0.99),
-                          eval_interval=250, eval_steps=200, precision="bf16",
+                          eval_interval=250, eval_steps=200, precision="auto",
                           ckpt_interval=1000, compile=True)),
     ),
 }
@@ -243,7 +245,8 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
         meta["model"] = asdict(model.config)  # what llmcore.sample rebuilds
         dp_group, dp_rank = None, 0
         if mesh is not None:
-            bf16 = torch.bfloat16 if preset.train.precision == "bf16" else None
+            precision = resolve_precision(preset.train.precision, info.device)
+            bf16 = torch.bfloat16 if precision == "bf16" else None
             model, info, device_mesh = prepare_mesh(model, *mesh, param_dtype=bf16)
             dp_rank = device_mesh["dp"].get_local_rank()
             dp_group = device_mesh["dp"].get_group() if mesh[0] > 1 else None
