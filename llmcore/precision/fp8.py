@@ -114,7 +114,10 @@ class _Float8Matmul(torch.autograd.Function):
     of fp32's memory. Rowwise scales belong to the rows of the forward GEMM, so x and
     w are saved as they are and quantized again along the dimension each backward GEMM
     contracts; with a range per row the gradients take e4m3 too, as in torchao's
-    rowwise recipe (and the rowwise kernels need no e5m2).
+    rowwise recipe (and the rowwise kernels need no e5m2). Blockwise (DeepSeek-V3):
+    x in 1 x block tiles, w in block x block squares, all e4m3; the FP8 weight is
+    saved (a square's scale serves both orientations), x as it is, to be cast again
+    in tiles along the tokens for the weight gradient.
     """
 
     @staticmethod
