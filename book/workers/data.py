@@ -203,3 +203,14 @@ def plot_ring(log_per_rank: list[list[dict]], axes) -> None:
         ax.set_title(f"{e['phase']} {e['step'] + 1}", fontsize=8)
         ax.set_xticks(range(n), [f"c{c}" for c in range(n)], fontsize=7)
         ax.set_yticks(range(n), [f"rank {r}" for r in range(n)], fontsize=7)
+
+
+def ring_mean_in(grads: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a ring all-reduce in ``dtype`` makes of the mean of ``grads`` (N, n):
+    each rank casts its gradient divided by N (as the cast hooks do), and the
+    partial sum is rounded to ``dtype`` at every one of the N - 1 hops. In float64."""
+    parts = (grads.double() / grads.shape[0]).to(dtype)
+    total = parts[0]
+    for part in parts[1:]:  # a hop: add in fp32, send the sum in dtype
+        total = (total.float() + part.float()).to(dtype)
+    return total.double()
