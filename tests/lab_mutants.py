@@ -223,7 +223,8 @@ MUTANTS = {
         3: [("torch.sign(load.mean() - load)", "torch.sign(load - load.mean())"),
             ("rate * torch.sign(load.mean() - load)", "rate * (load.mean() - load)")],
         4: [("((expert == e) & keep)", "(expert == e)"),          # drops ignored
-            ("probs[tokens, e, None] * ffn(x[tokens])", "ffn(x[tokens])"),  # no gate
+            ("gates[s, j, None] * ffn(x[s])", "ffn(x[s])"),       # no gate
+            ("    gates = gates / gates.sum(dim=1, keepdim=True)", "    pass"),
             (".softmax(dim=-1)  # (S, E)", ".softmax(dim=0)  # (S, E)")],
         5: [("sent[src].chunk(n)[dst] for src", "sent[dst].chunk(n)[src] for src"),
             ("for src in range(n)]", "for src in reversed(range(n))]")],

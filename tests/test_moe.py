@@ -47,6 +47,13 @@ def test_top_k_route_against_a_hand_count():
     assert kept.tolist() == [2, 2, 2]  # each buffer full, none over
 
 
+def test_normalized_gates_sum_to_one_over_the_choices():
+    r = top_k_route(PROBS, k=2, capacity=5, normalize=True)
+    torch.testing.assert_close(r.gate, torch.tensor(
+        [[0.6, 0.3], [0.5, 0.4], [0.7, 0.2], [0.5, 0.3], [0.6, 0.3]]) / torch.tensor(
+        [[0.9], [0.9], [0.9], [0.8], [0.9]]))
+
+
 def test_bias_steers_the_choice_not_the_gate():
     r = top_k_route(PROBS, k=2, capacity=5, bias=torch.tensor([0.0, 0.35, 0.0]))
     # t1's scores become (0.5, 0.45, 0.4): expert 1 replaces expert 2 ...
@@ -120,8 +127,9 @@ def loop_reference(moe: MoE, x: torch.Tensor, training: bool) -> torch.Tensor:
             taken[e] += 1
     rows = []
     for s in range(S):
-        y = sum((probs[s][e] * gelu_ffn(moe.experts[e], x[s]) for e in kept[s]),
-                torch.zeros(x.shape[1], dtype=x.dtype))
+        total = sum(probs[s][e] for e in choices[s]) if moe.cfg.norm_topk else 1.0
+        y = sum((probs[s][e] / total * gelu_ffn(moe.experts[e], x[s])
+                 for e in kept[s]), torch.zeros(x.shape[1], dtype=x.dtype))
         if moe.shared is not None:
             y = y + gelu_ffn(moe.shared, x[s])
         rows.append(y)
@@ -130,8 +138,9 @@ def loop_reference(moe: MoE, x: torch.Tensor, training: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("cfg", [
     MoEConfig(n_experts=4, top_k=2, capacity_factor=0.75),  # tokens dropped
-    MoEConfig(n_experts=6, top_k=1, n_shared=1, capacity_factor=1.0),
+    MoEConfig(n_experts=6, top_k=1, n_shared=1, capacity_factor=1.0, norm_topk=False),
     MoEConfig(n_experts=4, top_k=2, capacity_factor=1.0, bias_rate=0.05),
+    MoEConfig(n_experts=5, top_k=3, d_expert=10, capacity_factor=1.0, norm_topk=False),
 ])
 @pytest.mark.parametrize("training", [True, False])
 def test_moe_layer_matches_a_float64_loop_over_tokens(cfg, training):

@@ -45,6 +45,9 @@ class MoEConfig:
     d_expert: int | None = None  # one expert's hidden width; None: 4 C / (k + shared),
     # so that a token meets as many FFN weights as in the dense 4 C FFN
     capacity_factor: float = 1.25  # slots per expert: ceil(factor * k * tokens / E)
+    norm_topk: bool = True  # gates renormalised to sum to 1 over a token's k
+    # choices (Mixtral, DeepSeek-V3); False: the raw probabilities (Switch, GShard;
+    # with top_k=1 a renormalised gate is always 1 and the router learns nothing)
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss; 0: none
     bias_rate: float = 0.0  # gamma of DeepSeek-V3's bias balancing; 0: no bias
 
@@ -75,6 +78,7 @@ class Routing(NamedTuple):
 
     expert: Tensor  # the chosen expert, best first
     gate: Tensor  # the weight of its output: the router's probability
+    # (renormalised over the k choices with ``normalize``)
     slot: Tensor  # the position in that expert's buffer
     keep: Tensor  # slot < capacity; False: dropped
 
@@ -85,14 +89,17 @@ def capacity(tokens: int, top_k: int, n_experts: int, factor: float) -> int:
     return min(tokens, math.ceil(round(factor * top_k * tokens / n_experts, 9)))
 
 
-def top_k_route(probs: Tensor, k: int, capacity: int,
-                bias: Tensor | None = None) -> Routing:
+def top_k_route(probs: Tensor, k: int, capacity: int, bias: Tensor | None = None,
+                normalize: bool = False) -> Routing:
     """Each token's ``k`` best experts by ``probs`` (S, E) (+ ``bias`` (E,), which
-    steers the choice but not the gates) and its slots in their buffers."""
+    steers the choice but not the gates) and its slots in their buffers;
+    ``normalize``: the k gates of a token sum to 1."""
     S, E = probs.shape
     scores = probs if bias is None else probs + bias
     expert = scores.topk(k, dim=-1).indices  # (S, k)
     gate = probs.gather(-1, expert)  # (S, k)
+    if normalize:
+        gate = gate / gate.sum(dim=-1, keepdim=True)
     # Buffers fill in choice-major order, all first choices before any second one
     # (GShard): under pressure a token loses its second expert before anyone's first.
     choices = expert.t().reshape(-1, 1)  # (k S, 1)
@@ -164,7 +171,7 @@ class MoE(nn.Module):
         slots = (capacity(x.shape[0], self.cfg.top_k, E, self.cfg.capacity_factor)
                  if self.training else x.shape[0])
         bias = self.expert_bias if self.cfg.bias_rate else None
-        r = top_k_route(probs, self.cfg.top_k, slots, bias)
+        r = top_k_route(probs, self.cfg.top_k, slots, bias, self.cfg.norm_topk)
         self.aux_loss = load_balancing_loss(probs, r.expert)
         self.routing = r._replace(gate=r.gate.detach())
         if self.training:
