@@ -7,6 +7,7 @@ layers.py      LayerNorm, RMSNorm, FeedForward (ReLU, GELU, SwiGLU), make_norm
 positional.py  sinusoidal and learned positional encodings, rotary embeddings (RoPE)
 blocks.py      EncoderBlock (post-LN or pre-LN), GPTBlock, DecoderBlock
 loss.py        lm_loss; swap.py: swap_modules
+moe.py         MoE, MoEConfig: a mixture of experts (router, capacity, balancing)
 
 Masks follow ``torch.nn.functional.scaled_dot_product_attention``: a boolean mask is
 True where attention is allowed, a float mask is added to the scores.
