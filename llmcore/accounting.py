@@ -13,6 +13,7 @@ K = 12 optimizer-state count of the ZeRO paper (Rajbhandari et al., 2020, sectio
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -170,6 +171,9 @@ def flops_per_token(cfg, seq_len: int | None = None) -> float:
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: the FLOP/s the model needs at this throughput over
     the device's peak (PaLM, appendix B); above 1 the peak was wrong."""
+    if not peak_flops > 0 or not math.isfinite(peak_flops):
+        raise ValueError(f"peak_flops must be a positive finite number, got "
+                         f"{peak_flops!r} (measure_peak_flops measures one)")
     return tokens_per_s * flops_per_token / peak_flops
 
 

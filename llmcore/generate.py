@@ -31,6 +31,8 @@ MIN_TEMPERATURE = 1e-5  # below: use 0 (greedy); tiny values overflow logits / t
 
 def filter_top_k(logits: Tensor, k: int) -> Tensor:
     """Logits with everything below the k-th largest of each row set to -inf."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k must be a positive int, got {k!r}")
     k = min(k, logits.size(-1))
     kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
     return logits.masked_fill(logits < kth, float("-inf"))
@@ -39,6 +41,8 @@ def filter_top_k(logits: Tensor, k: int) -> Tensor:
 def filter_top_p(logits: Tensor, p: float) -> Tensor:
     """Logits outside the nucleus (the likeliest tokens with total probability >= p)
     set to -inf; the likeliest token always stays."""
+    if not 0 < p <= 1:  # p = 0 would drop every token, a row of NaN probabilities
+        raise ValueError(f"top_p must lie in (0, 1], got {p!r}")
     sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
     probs = torch.softmax(sorted_logits, dim=-1)
     before = torch.cumsum(probs, dim=-1) - probs  # probability mass ahead of each token
@@ -128,23 +132,27 @@ def generate(model: nn.Module, idx: Tensor, max_new_tokens: int,
         compile = idx.device.type == "cuda"
     was_training = model.training
     model.eval()
-    caches = model.new_kv_caches() if use_cache else None
-    for cache in caches or []:
-        # Compiled: every step the same shapes (all slots, masked). Eager: read only
-        # the written prefix, less work when the context is much longer than the text.
-        cache.fixed_shapes = compile
-    # dynamic=True: the caches' length is an int that grows by one every step; marked
-    # dynamic from the start it never causes a recompilation.
-    decode = torch.compile(model, dynamic=True) if compile and use_cache else model
-    out, fresh = idx, idx  # fresh: the tokens the caches have not seen yet
-    for _ in range(max_new_tokens):
-        if caches is not None and out.shape[1] <= block_size:
-            step = decode if fresh.shape[1] == 1 else model  # the prefill runs eagerly
-            logits, _ = step(fresh, kv_caches=caches)  # (B, len(fresh), V)
-        else:
-            logits, _ = model(out[:, -block_size:])  # re-read the whole window
-        nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
-        out = torch.cat([out, nxt.to(out.dtype)], dim=1)
-        fresh = nxt
-    model.train(was_training)
+    try:  # the caller's mode back, also after an error or Ctrl-C
+        caches = model.new_kv_caches() if use_cache else None
+        for cache in caches or []:
+            # Compiled: every step the same shapes (all slots, masked). Eager: read
+            # only the written prefix, less work when the context is much longer
+            # than the text.
+            cache.fixed_shapes = compile
+        # dynamic=True: the caches' length is an int that grows by one every step;
+        # marked dynamic from the start it never causes a recompilation.
+        decode = torch.compile(model, dynamic=True) if compile and use_cache else model
+        out, fresh = idx, idx  # fresh: the tokens the caches have not seen yet
+        for _ in range(max_new_tokens):
+            if caches is not None and out.shape[1] <= block_size:
+                # the prefill runs eagerly
+                step = decode if fresh.shape[1] == 1 else model
+                logits, _ = step(fresh, kv_caches=caches)  # (B, len(fresh), V)
+            else:
+                logits, _ = model(out[:, -block_size:])  # re-read the whole window
+            nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            out = torch.cat([out, nxt.to(out.dtype)], dim=1)
+            fresh = nxt
+    finally:
+        model.train(was_training)
     return out

@@ -72,8 +72,8 @@ def seed_everything(seed: int) -> torch.Generator:
     Pass the returned generator to samplers and data loaders where you want a stream of
     random numbers that later cells cannot disturb.
     """
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be a non-negative int below 2**64, got {seed!r}")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -145,7 +145,9 @@ def test_a_weights_only_checkpoint_cannot_be_resumed_and_says_why(tmp_path):
 
 @pytest.mark.parametrize("flag, value", [("--steps", "0"), ("--steps", "2.5"),
                                          ("--steps", "-3"), ("--lr", "nan"),
-                                         ("--lr", "-1"), ("--lr", "fast")])
+                                         ("--lr", "-1"), ("--lr", "fast"),
+                                         ("--seed", "-1"), ("--seed", str(2**64)),
+                                         ("--seed", "1e3")])
 def test_bad_numbers_are_argument_errors(tmp_path, flag, value, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli(tmp_path / "run", flag, value)
@@ -157,3 +159,11 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(tmp_path / "run", "--resume", "--overwrite")
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_the_summary_of_a_run_stopped_before_validation_prints_no_nan(tmp_path,
+                                                                     capsys):
+    assert cli(tmp_path / "run", "--steps", "4", "--stop-at", "2") == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("2 steps, final train loss ") and "no validation yet" in last
+    assert "nan" not in last

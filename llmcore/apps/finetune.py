@@ -220,13 +220,15 @@ def predict(model: nn.Module, batches: Iterable[dict]) -> tuple[Tensor, Tensor]:
     model.eval()
     device = next(model.parameters()).device
     preds, labels = [], []
-    for batch in batches:
-        mask = batch.get("attention_mask")
-        logits, _ = model(batch["input_ids"].to(device),
-                          None if mask is None else mask.to(device))
-        preds.append(logits.argmax(dim=-1).cpu())
-        labels.append(batch["label"].cpu())
-    model.train(was_training)
+    try:  # the caller's mode back, also after an error or Ctrl-C
+        for batch in batches:
+            mask = batch.get("attention_mask")
+            logits, _ = model(batch["input_ids"].to(device),
+                              None if mask is None else mask.to(device))
+            preds.append(logits.argmax(dim=-1).cpu())
+            labels.append(batch["label"].cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(preds), torch.cat(labels)
 
 

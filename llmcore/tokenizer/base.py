@@ -99,6 +99,10 @@ class Tokenizer:
             found = obj.get("type") if isinstance(obj, dict) else type(obj).__name__
             raise ValueError(f"{path} does not hold a {cls.KIND!r} tokenizer (type: "
                              f"{found!r}); load it with the class that saved it")
+        if obj.get("version") != cls.VERSION:  # another layout: read, it would mislead
+            raise ValueError(f"{path} is a {cls.KIND} tokenizer of version "
+                             f"{obj.get('version')!r}; this llmcore reads version "
+                             f"{cls.VERSION}. Train the tokenizer again with this one")
         try:
             return cls._from_fields(obj, obj["special_tokens"])
         except (KeyError, TypeError) as err:

@@ -202,9 +202,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, old_term)
     if model is None:  # a parallel run's other ranks: rank 0 reports
         return 0
-    last = history.eval_loss[-1] if history.eval_loss else float("nan")
+    val = (f"val loss {history.eval_loss[-1]:.3f}" if history.eval_loss
+           else "no validation yet")  # (--stop-at before the first evaluation)
     print(f"{len(history.loss)} steps, final train loss {history.loss[-1]:.3f}, "
-          f"val loss {last:.3f}, {history.seconds:.0f} s -> {args.out}")
+          f"{val}, {history.seconds:.0f} s -> {args.out}")
     return 0
 
 

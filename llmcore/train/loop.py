@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import llmcore.train.checkpoint as whole_file
 import llmcore.train.sharded as sharded
-from llmcore.config import check_fields
+from llmcore.config import IGNORE_INDEX, check_fields
 from llmcore.train.optim import any_dtensor, make_optimizer, make_scheduler
 from llmcore.train.resume import MAY_CHANGE, check_resume, schedule_restart
 from llmcore.train.step import (PRECISIONS, BatchFn, LossFn, clip_grad_norm,
@@ -130,9 +130,9 @@ class Pending:
     def __init__(self, history: History, device: torch.device, fp16: bool):
         self.history, self.device, self.fp16, self.rows = history, device, fp16, []
 
-    def add(self, step, loss, grad_norm, lr, tokens, seconds):
-        self.rows.append([step, torch.stack([loss, grad_norm.float()]), lr, tokens,
-                          seconds])
+    def add(self, step, loss, grad_norm, targets, lr, tokens, seconds):
+        self.rows.append([step, torch.stack([loss, grad_norm.float(), targets]), lr,
+                          tokens, seconds])
 
     def read(self) -> None:
         if self.device.type == "meta":  # a dry run: shapes and placement, no values
@@ -149,7 +149,12 @@ class Pending:
             seconds = [r[4] for r in rows]
             seconds[-1] += wait
         h = self.history
-        for (step, _, lr, tokens, _), (loss, norm), dt in zip(rows, values, seconds):
+        for (step, _, lr, tokens, _), (loss, norm, targets), dt in zip(rows, values,
+                                                                      seconds):
+            if targets == 0:  # the loss is 0 / 0: not a numerical problem
+                raise ValueError(f"step {step} has no target to learn from: every "
+                                 f"target of its micro-batches is IGNORE_INDEX "
+                                 f"({IGNORE_INDEX}); check the batch_fn's masking")
             # fp16: a non-finite gradient is the GradScaler's business (it skips the
             # update and lowers the scale); a non-finite loss is not.
             if not math.isfinite(loss) or not (self.fp16 or math.isfinite(norm)):
@@ -282,8 +287,9 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
         return [to_device(batch_fn(step, generator), device)
                 for _ in range(cfg.grad_accum)]
 
-    def update(batches: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer update from the micro-batches; (loss, grad norm) on device."""
+    def update(batches: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer update from the micro-batches; (loss, grad norm, valid
+        targets of all ranks) on device."""
         # Weight each micro-batch by its share of the step's valid targets, so that
         # masked batches of unequal counts add up to the mean over all their tokens.
         counts = [valid_tokens(b, device) for b in batches]
@@ -307,7 +313,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        return loss_sum, grad_norm
+        return loss_sum, grad_norm, total
 
     model.train()
     bar = tqdm(range(start, end), initial=start, total=end, disable=not cfg.progress,
@@ -322,7 +328,7 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                     cfg.ckpt_interval and done % cfg.ckpt_interval == 0))
                 lr = scheduler.get_last_lr()[0]
                 tokens = sum(count_tokens(b) for b in batches)
-                loss, grad_norm = update(batches)
+                loss, grad_norm, targets = update(batches)
                 # A stop is decided before the next batches are drawn, so that its
                 # checkpoint holds the generator's state for the next step.
                 signum = stop_requested(flag, collective, device) if (
@@ -333,7 +339,8 @@ def train(model: nn.Module, batch_fn: BatchFn, cfg: TrainConfig, *,
                 # past a checkpoint, so that it saves the RNG state of the next step.
                 batches = fetch(done) if done < end and not saving and signum is None \
                     else None
-                pending.add(step, loss, grad_norm, lr, tokens, time.perf_counter() - t0)
+                pending.add(step, loss, grad_norm, targets, lr, tokens,
+                            time.perf_counter() - t0)
                 if on_step is not None:
                     on_step(done, history)
                 evaluating = val_batch_fn is not None and (

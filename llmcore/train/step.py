@@ -149,7 +149,9 @@ def evaluate(model: nn.Module, batch_fn: BatchFn, steps: int, *,
     """Mean loss over ``steps`` batches drawn from a generator seeded with ``seed``.
 
     The same seed gives the same batches, so successive evaluations differ only by the
-    model; the training generator and the global RNG are left untouched.
+    model; the training generator and the global RNG are left untouched, and the
+    model's mode is restored, also when a batch raises. A batch with no target to
+    score (every one ``IGNORE_INDEX``) is an error: its mean loss would be NaN.
     """
     device = device or next(model.parameters()).device
     precision = resolve_precision(precision, device)
@@ -157,9 +159,17 @@ def evaluate(model: nn.Module, batch_fn: BatchFn, steps: int, *,
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for i in range(steps):
-        batch = to_device(batch_fn(i, generator), device)
-        with precision_context(precision, device.type):
-            total += loss_fn(model, batch).float()
-    model.train(was_training)
+    fewest = torch.full((), math.inf, device=device)  # valid targets of a batch
+    try:
+        for i in range(steps):
+            batch = to_device(batch_fn(i, generator), device)
+            fewest = torch.minimum(fewest, valid_tokens(batch, device))
+            with precision_context(precision, device.type):
+                total += loss_fn(model, batch).float()
+    finally:
+        model.train(was_training)
+    if fewest.item() == 0:
+        raise ValueError(f"evaluate: a batch from batch_fn has no target to score "
+                         f"(every target is IGNORE_INDEX={IGNORE_INDEX}), so its mean "
+                         "loss is NaN; check the batch_fn's masking")
     return total.item() / steps

@@ -1,15 +1,24 @@
 """``python -m tools.bench NAME [options]``: run the benchmark module ``NAME``."""
 
+import ast
 import importlib
 import pkgutil
 import sys
+from pathlib import Path
 
 import tools.bench
 
 
 def available() -> list[str]:
-    return sorted(m.name for m in pkgutil.iter_modules(tools.bench.__path__)
-                  if not m.name.startswith("_"))
+    """The benchmarks: modules of ``tools.bench`` with a ``main`` (the others, such as
+    ``presets`` or ``nanogpt``, are their parts and cannot run), found without
+    importing them."""
+    folder = Path(tools.bench.__file__).parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(folder)])
+                  if not m.name.startswith("_") and any(
+                      isinstance(node, ast.FunctionDef) and node.name == "main"
+                      for node in ast.parse((folder / f"{m.name}.py").read_text(
+                          encoding="utf-8")).body))
 
 
 def main(argv: list[str]) -> int:
