@@ -3,20 +3,30 @@
     python -m tools.labs grade SUBMISSIONS --lab N [--out DIR] [--time-limit S]
 
 ``SUBMISSIONS`` holds one notebook per student, either as ``NAME.ipynb`` (or ``.md``) or
-as a folder ``NAME/`` holding the lab's notebook. For each student the grader:
+as a folder ``NAME/`` holding the lab's notebook. Every notebook is read before the
+first is run, so that no submission can change another. For each student the grader:
 
 1. reads the notebook and puts the lab's own check cells in place of the student's
    (matched in order), so an edited check grades nothing, and inserts after each the
    lab's ``hidden-check`` cells, which the student copy never showed;
-2. executes it in a fresh kernel, in the lab's folder, cell by cell, stopping at the
-   time limit (the cells left count as failed);
-3. scores each exercise as the fraction of its check cells (visible and hidden) that
-   ran without an error.
+2. executes it cell by cell in a fresh kernel, stopping at the time limit (the cells
+   left count as failed), in a fresh empty folder: nothing of the lab (its source,
+   solutions, hidden checks) is there, and on Linux the kernel is boxed
+   (:mod:`tools.sandbox`): it sees neither the lab sources, nor the other
+   submissions, nor the grades, may write only its own folder, and every process it
+   started is killed with it;
+3. counts a check as passed only when the check itself proved it, with a secret that
+   the kernel gets with the check and prints when the check has run through
+   (:mod:`tools.gradekernel`): a submission that hides errors, rewrites cells or
+   replaces the functions the checks call scores nothing by it;
+4. scores each exercise as the fraction of its check cells (visible and hidden) that
+   passed.
 
-It writes ``scores.csv`` and ``scores.json`` (per student and exercise) and
-``report.md`` to ``--out`` (default ``SUBMISSIONS/_grades``), and each executed
-notebook under ``executed/`` for feedback. Student code runs with the grader's
-rights: grade in a container or a throwaway account.
+It writes ``scores.csv`` and ``scores.json`` (per student and exercise; ``isolation``
+says whether the kernels were boxed) and ``report.md`` to ``--out`` (default
+``SUBMISSIONS/_grades``), and each executed notebook under ``executed/`` for
+feedback. Without the box (not Linux, or no namespaces) student code runs with the
+grader's rights: grade in a container or a throwaway account.
 """
 
 from __future__ import annotations
@@ -24,11 +34,20 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import math
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import llmcore
+from llmcore.data.corpora import DATA_DIR
+from tools import gradekernel, sandbox
 from tools.labcells import checks_of, exercises, find_lab, is_check, is_hidden_check
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 SKIP = ("_", ".")   # folders and files of the grader itself, hidden files
 
@@ -128,55 +147,31 @@ def graded_notebook(lab_nb, student_nb):
     return nb, plan
 
 
-def execute(nb, cwd: Path, time_limit: float) -> tuple[dict[int, str], str]:
-    """Run ``nb`` in a fresh kernel; the error of each failed cell, and a status."""
-    from nbclient import NotebookClient
-    from nbclient.exceptions import CellTimeoutError, DeadKernelError
-
-    client = NotebookClient(nb, timeout=time_limit, kernel_name="python3",
-                            allow_errors=True, interrupt_on_timeout=False,
-                            resources={"metadata": {"path": str(cwd)}})
-    errors: dict[int, str] = {}
-    status = "ok"
-    with client.setup_kernel():
-        deadline = time.monotonic() + time_limit   # the kernel's start is not counted
-        for index, cell in enumerate(nb.cells):
-            if cell.cell_type != "code":
-                continue
-            left = deadline - time.monotonic()
-            if status != "ok" or left <= 0:
-                status = status if status != "ok" else f"time limit {time_limit:g} s"
-                errors[index] = status
-                continue
-            client.timeout = max(1, int(left))
-            try:
-                client.execute_cell(cell, index)
-            except CellTimeoutError:
-                status = errors[index] = f"time limit {time_limit:g} s"
-                continue
-            except DeadKernelError:
-                status = errors[index] = "the kernel died"
-                continue
-            failed = [o for o in cell.outputs if o.output_type == "error"]
-            if failed:
-                text = f"{failed[0].ename}: {failed[0].evalue}".strip()
-                errors[index] = text.splitlines()[0][:200] if text else "error"
-    return errors, status
-
-
-def grade_one(name: str, path: Path | None, lab: Path, lab_nb,
-              time_limit: float, executed: Path | None = None) -> Result:
+def grade_one(name: str, notebook, lab: Path, lab_nb, time_limit: float,
+              executed: Path | None = None, hide: tuple[Path, ...] = ()) -> Result:
+    """Grade one submission (``notebook``: what was read from its file, a notebook
+    or an exception, or None if none was found) in a box of its own."""
     import nbformat
 
+    path, read = notebook if notebook is not None else ("", None)
     zero = [0.0] * len(exercises(lab_nb))
-    if path is None:
+    if read is None:
         return Result(name, "", zero, "no notebook found")
     start = time.monotonic()
     try:
-        nb, plan = graded_notebook(lab_nb, read_notebook(path))
+        if isinstance(read, Exception):
+            raise read
+        nb, plan = graded_notebook(lab_nb, read)
     except Exception as error:   # an unreadable file is that student's zero, not ours
         return Result(name, str(path), zero, f"unreadable: {error}")
-    errors, status = execute(nb, lab.parent, time_limit)
+    checks = {i: gradekernel.new_secret() for group in plan for i in group}
+    root = Path(tempfile.mkdtemp(prefix="llmcore-grade-"))
+    try:
+        keep = [Path(sys.prefix), Path(llmcore.__file__).parent, DATA_DIR]
+        box = sandbox.Box(root, ROOT, keep, [lab.parent, *hide])
+        errors, status = gradekernel.execute(nb, box, time_limit, checks)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
     scores, failures = [], {}
     for number, group in enumerate(plan, start=1):
         failed = [errors[i] for i in group if i in errors]
@@ -208,14 +203,31 @@ def report(lab: Path, titles: list[str], results: list[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_all(folder: Path, lab: Path) -> list[tuple[str, tuple | None]]:
+    """Every submission read into memory before any runs: (student, (path, notebook
+    or the error reading it)), or None where no notebook was found."""
+    out = []
+    for name, path in submissions(folder, lab):
+        if path is None:
+            out.append((name, None))
+            continue
+        try:
+            out.append((name, (path, read_notebook(path))))
+        except Exception as error:
+            out.append((name, (path, error)))
+    return out
+
+
 def grade(folder: Path, lab: Path, out: Path | None = None,
           time_limit: float = 600.0) -> list[Result]:
     """Grade every submission in ``folder`` against ``lab``; write the tables."""
     out = Path(out) if out else folder / "_grades"
     lab_nb = read_notebook(lab)
     titles = exercise_titles(lab_nb)
-    results = [grade_one(name, path, lab, lab_nb, time_limit, out / "executed")
-               for name, path in submissions(folder, lab)]
+    handed_in = read_all(folder, lab)
+    results = [grade_one(name, notebook, lab, lab_nb, time_limit, out / "executed",
+                         hide=(folder, out))
+               for name, notebook in handed_in]
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
@@ -224,6 +236,7 @@ def grade(folder: Path, lab: Path, out: Path | None = None,
         for r in results:
             writer.writerow([r.name, *r.scores, r.total, len(titles), r.status])
     payload = {"lab": lab.stem, "exercises": titles, "time_limit_s": time_limit,
+               "isolation": "box" if sandbox.available() else "none",
                "students": [{**asdict(r), "total": r.total} for r in results]}
     (out / "scores.json").write_text(json.dumps(payload, indent=1) + "\n")
     (out / "report.md").write_text(report(lab, titles, results))
@@ -242,13 +255,19 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    if not args.time_limit > 0:
-        raise SystemExit(f"--time-limit {args.time_limit}: give a positive number "
-                         "of seconds")
+    if not (args.time_limit > 0 and math.isfinite(args.time_limit)):
+        raise SystemExit(f"error: --time-limit {args.time_limit:g}: give a positive, "
+                         "finite number of seconds (default 600)")
     try:
         lab = find_lab(args.lab)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from None
+    if not args.submissions.is_dir():
+        raise SystemExit(f"error: SUBMISSIONS {args.submissions} is not a folder")
+    if not sandbox.available():
+        print("note: no Linux namespaces here, so the kernels are not boxed: student "
+              "code runs with your rights (grade in a container or a throwaway "
+              "account)")
     results = grade(args.submissions, lab, args.out, args.time_limit)
     out = args.out or args.submissions / "_grades"
     for r in results:

@@ -129,7 +129,10 @@ def all_labs(root: Path | None = None) -> list[Path]:
 
 def find_lab(number: str, root: Path | None = None) -> Path:
     """The lab numbered ``number`` ("2", "02") or a path to a lab notebook."""
-    if Path(number).suffix == ".md":
+    if Path(number).suffix in (".md", ".ipynb"):
+        if not Path(number).is_file():
+            raise FileNotFoundError(f"--lab {number}: no such file; give a lab "
+                                    "number such as 2, or the path of a lab notebook")
         return Path(number)
     if not number.isdigit():
         raise ValueError(f"--lab {number!r}: give a lab number such as 2, or a path")
