@@ -199,3 +199,13 @@ def test_a_stale_lock_is_taken_over_by_one_run_only(tmp_path, monkeypatch):
     assert sorted(results.values()).count("ran") == 1, results
     assert any("is writing to" in r for r in results.values()), results
     assert not (out / outdir.LOCK).exists()
+
+
+def test_a_damaged_former_checkpoint_with_nothing_better_is_kept(tmp_path, group):
+    path = tmp_path / SHARDS
+    dcp.save(path, *model_and_optimizer(1), 1)
+    old = path.rename(tmp_path / f"{SHARDS}.old")  # a save killed after its 1st rename
+    shard = next(old.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    (notes,) = dcp.recover(path)
+    assert "ckpt.dcp.old is damaged" in notes and old.is_dir() and not path.exists()

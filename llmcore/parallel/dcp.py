@@ -193,8 +193,9 @@ def recover(path: str | Path) -> list[str]:
     """Make ``path`` the newest complete checkpoint among ``path``, ``path.old`` and
     ``path.tmp-*`` (files matching their manifest) and remove the others; return what
     was done, in words. Run it on one process, before a run starts, while no save is
-    under way. A ``path`` that exists is kept unless a newer complete save exists, so
-    a damaged checkpoint is reported when it is loaded, never removed here."""
+    under way. A ``path`` that exists is kept unless a newer complete save exists,
+    and a damaged former checkpoint with nothing to replace it stays too: damage is
+    reported (when loaded, or here), never removed."""
     path = Path(path)
     aside = path.with_name(path.name + ".replaced")
     others = [path.with_name(path.name + ".old"), aside,
@@ -227,6 +228,11 @@ def recover(path: str | Path) -> list[str]:
                     f"continuing from {best.name}, the newest complete checkpoint "
                     f"(step {complete[best]})")
     for p in others:
+        if p not in complete and ".tmp-" not in p.name and not path.is_dir():
+            # a damaged former checkpoint and nothing better: kept, for a person
+            done.append(f"{p} is damaged (its files do not match its manifest); "
+                        "left in place")
+            continue
         shutil.rmtree(p, ignore_errors=True)
         done.append(f"removed {p.name}, left by an interrupted save")
     return done
