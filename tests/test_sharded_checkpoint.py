@@ -206,6 +206,8 @@ def test_a_damaged_former_checkpoint_with_nothing_better_is_kept(tmp_path, group
     dcp.save(path, *model_and_optimizer(1), 1)
     old = path.rename(tmp_path / f"{SHARDS}.old")  # a save killed after its 1st rename
     shard = next(old.glob("*.distcp"))
-    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
     (notes,) = dcp.recover(path)
     assert "ckpt.dcp.old is damaged" in notes and old.is_dir() and not path.exists()
