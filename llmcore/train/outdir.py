@@ -104,7 +104,7 @@ def acquire_lock(out: Path) -> tuple[Path, int | None]:
                                    or (pid > 0 and _alive(pid))):
             os.close(fd)
             refuse(out, lock, pid, host)
-        if pid > 0:
+        if pid > 0 and pid != os.getpid():
             print(f"taking over the stale lock {lock} of pid {pid}, which no longer "
                   "runs", file=sys.stderr)
         os.ftruncate(fd, 0)

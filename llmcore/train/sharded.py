@@ -3,7 +3,8 @@
 
 The weights and the optimizer's moments go through ``torch.distributed.checkpoint``
 (:mod:`llmcore.parallel.dcp`): every rank writes its own shards into a directory that
-appears atomically, and a run saved on 4 processes resumes on 2 with another layout.
+appears atomically, each file checked against its SHA-256 when it is loaded, and a run
+saved on 4 processes resumes on 2 (or 1) with another layout.
 The scheduler, the gradient scaler, the step and the caller's ``extra`` (history,
 config) are the same on every rank; rank 0 stores them beside the shards.
 
