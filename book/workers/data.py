@@ -189,7 +189,7 @@ def plot_ring(log_per_rank: list[list[dict]], axes) -> None:
     received is outlined, with the rank it came from."""
     n = len(log_per_rank)
     for i, ax in enumerate(axes):
-        grid = [[bin(int(v)).count("1") for v in log[i]["chunks"]]
+        grid = [[int(v).bit_count() for v in log[i]["chunks"]]
                 for log in log_per_rank]
         ax.imshow(grid, cmap="Blues", vmin=0, vmax=n + 1)
         for r, log in enumerate(log_per_rank):

@@ -106,9 +106,9 @@ def zero_sweep(rank: int, world_size: int, model_fn, data, units: str = "",
                                         reshard_after_forward=reshard)
                    for reshard in (True, False)}
     if world_size == 2:
-        formats = {"bf16": {}, "fp8 weights": dict(gather_format="e4m3"),
-                   "fp8 gradients": dict(reduce_format="e4m3"),
-                   "fp8 both": dict(gather_format="e4m3", reduce_format="e4m3")}
+        formats = {"bf16": {}, "fp8 weights": {"gather_format": "e4m3"},
+                   "fp8 gradients": {"reduce_format": "e4m3"},
+                   "fp8 both": {"gather_format": "e4m3", "reduce_format": "e4m3"}}
         out["fp8"] = {label: zero_worker(rank, world_size, model_fn, 3, data,
                                          torch.bfloat16, units, lr, **kw)
                       for label, kw in formats.items()}
