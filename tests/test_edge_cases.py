@@ -13,6 +13,7 @@ import llmcore.generate as generation
 from llmcore.accounting import mfu
 from llmcore.apps.finetune import predict
 from llmcore.config import IGNORE_INDEX
+from llmcore.parallel.costmodel import bubble_fraction
 from llmcore.runtime import seed_everything
 from llmcore.tokenizer import CharTokenizer
 from llmcore.train import TrainConfig, evaluate, train
@@ -120,3 +121,16 @@ def test_the_benchmark_command_lists_only_what_runs():
                           capture_output=True, text=True, check=False)
     assert part.returncode == 2 and "unknown benchmark 'presets'" in part.stderr
     assert "Traceback" not in part.stderr
+
+
+@pytest.mark.parametrize("kwargs, name", [({"n_stages": 0}, "n_stages"),
+                                          ({"n_micro": 0}, "n_micro"),
+                                          ({"chunks": 0, "schedule": "interleaved"},
+                                           "chunks")])
+def test_a_pipeline_of_no_stages_or_micro_batches_has_no_bubble_fraction(kwargs,
+                                                                         name):
+    # it was a negative fraction, a whole bubble or a division by zero
+    args = {"n_stages": 4, "n_micro": 8, **kwargs}
+    with pytest.raises(ValueError, match=f"{name} must be a positive int, got 0"):
+        bubble_fraction(**args)
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 11)

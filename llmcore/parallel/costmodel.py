@@ -91,6 +91,9 @@ def bubble_fraction(n_stages: int, n_micro: int, schedule: str = "1f1b",
     (p - 1) max(t_f + t_B - t_w, t_f, t_B), for m >= p.
     """
     p, m = n_stages, n_micro
+    for name, value in (("n_stages", p), ("n_micro", m), ("chunks", chunks)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     if schedule in ("gpipe", "1f1b"):
         return (p - 1) / (m + p - 1)
     if schedule == "interleaved":
