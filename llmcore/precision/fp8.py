@@ -249,7 +249,9 @@ class Float8Linear(nn.Linear):
         return y.reshape(*lead, self.out_features)  # (B, T, C_out)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, scaling={self.scaling}, backend={self.backend}"
+        block = f", block={self.block}" if self.scaling == "blockwise" else ""
+        return (f"{super().extra_repr()}, scaling={self.scaling}, "
+                f"backend={self.backend}{block}")
 
 
 def size_filter(min_features: int = 1024, skip: Sequence[str] = ("lm_head",)
