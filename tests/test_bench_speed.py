@@ -20,8 +20,19 @@ def test_rungs_a_cpu_cannot_run_are_skipped_with_a_reason():
     assert "sm80" in names["tf32"] and "sm89" in names["fp8"]
     assert names["fp32"] is None and names["compile"] is None
     # each rung adds one thing to the one before
-    assert [r.name for r in speed.LADDER] == ["fp32", "tf32", "bf16", "fused kernels",
+    assert [r.name for r in speed.LADDER] == ["fp32", "tf32", "16-bit", "fused kernels",
                                               "compile", "fp8"]
+
+
+def test_sixteen_bit_rungs_use_the_devices_format(monkeypatch):
+    from llmcore.runtime import DeviceCaps
+
+    half = speed.LADDER[2]
+    for capability, want in (((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        caps = DeviceCaps("cuda", "gpu", capability, 16 * 2**30, 40)
+        monkeypatch.setattr(speed, "device_caps", lambda device, caps=caps: caps)
+        assert speed.precision_of(half, torch.device("cuda")) == want
+    assert speed.precision_of(speed.LADDER[0], torch.device("cuda")) == "fp32"
 
 
 def test_main_writes_the_ladder(tmp_path, monkeypatch):
@@ -32,9 +43,10 @@ def test_main_writes_the_ladder(tmp_path, monkeypatch):
     result = json.loads((tmp_path / "speed-cpu.json").read_text())
     assert result["torch"] == torch.__version__ and result["date"]
     rows = {r["rung"]: r for r in result["ladder"]}
-    assert set(rows) == {"fp32", "tf32", "bf16", "fused kernels"}
+    assert set(rows) == {"fp32", "tf32", "16-bit", "fused kernels"}
     assert "skipped" in rows["tf32"]
-    for name in ("fp32", "bf16", "fused kernels"):
+    assert rows["16-bit"]["precision"] == "bf16"  # a CPU: bf16, never fp16
+    for name in ("fp32", "16-bit", "fused kernels"):
         assert rows[name]["tokens_per_s"] > 0 and 0 < rows[name]["mfu"] < 1
     assert rows["fp32"]["sdpa"] is False and rows["fused kernels"]["sdpa"] is True
 

@@ -71,7 +71,8 @@ def utilisation(precision: str, compiled: bool) -> float:
 
 
 def precision_of(w: Workload, dc: DeviceClass) -> str:
-    return w.precision or dc.precision
+    """The precision ``w`` trains in on ``dc``: its own, or the class's ("auto")."""
+    return dc.precision if w.precision in (None, "auto", "half") else w.precision
 
 
 def memory(w: Workload, dc: DeviceClass) -> dict[str, float]:

@@ -4,9 +4,9 @@ optimisations that gets there.
 ``python -m tools.bench speed`` measures, on the current device, the training step of
 the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), one rung
 of the ladder at a time, each rung adding one thing to the one before: fp32 -> TF32
-matmuls -> bf16 autocast -> fused kernels (SDPA attention) -> ``torch.compile`` -> FP8
-linears. A rung the device cannot run (TF32 and FP8 off NVIDIA GPUs) is recorded as
-skipped, with the reason. The peaks are measured first, a large matmul on the same
+matmuls -> 16-bit autocast (bf16, or fp16 with loss scaling on a T4) -> fused kernels
+(SDPA attention) -> ``torch.compile`` -> FP8 linears. A rung the device cannot run
+(TF32 and FP8 off NVIDIA GPUs) is recorded as skipped, with the reason. The peaks are measured first, a large matmul on the same
 device in each precision, and each rung's MFU is against the peak of its own (bf16
 against FP8 on a 1.3B GPT is ``python -m tools.bench fp8``). Results go to
 ``results/speed-<device>.json`` with the hardware, the date and the torch version.
@@ -49,16 +49,25 @@ class Rung:
     """One step of the ladder: what the run uses at this rung."""
 
     name: str
-    precision: str  # TrainConfig.precision
+    precision: str  # TrainConfig.precision; "half": the device's 16-bit format
     sdpa: bool  # PyTorch's fused attention kernel instead of the hand-written one
     compile: bool = False
     fp8: bool = False  # the large linears in FP8 (llmcore.precision.fp8)
 
 
 LADDER = (Rung("fp32", "fp32", sdpa=False), Rung("tf32", "tf32", sdpa=False),
-          Rung("bf16", "bf16", sdpa=False), Rung("fused kernels", "bf16", sdpa=True),
-          Rung("compile", "bf16", sdpa=True, compile=True),
-          Rung("fp8", "bf16", sdpa=True, compile=True, fp8=True))
+          Rung("16-bit", "half", sdpa=False), Rung("fused kernels", "half", sdpa=True),
+          Rung("compile", "half", sdpa=True, compile=True),
+          Rung("fp8", "half", sdpa=True, compile=True, fp8=True))
+
+
+def precision_of(rung: Rung, device: torch.device) -> str:
+    """The rung's precision on ``device``: its 16-bit rungs run the device's best
+    16-bit path, bf16 from Ampere on (and on CPUs), fp16 with loss scaling on a T4."""
+    if rung.precision != "half":
+        return rung.precision
+    caps = device_caps(device)
+    return "fp16" if caps.type == "cuda" and not caps.bf16_tensor_cores else "bf16"
 
 
 @dataclass(frozen=True)
@@ -126,15 +135,17 @@ def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
         x = torch.randint(c.vocab_size, (b, c.block_size + 1), generator=generator)
         return x[:, :-1], x[:, 1:]
 
+    precision = precision_of(rung, device)
     cfg = TrainConfig(max_steps=preset.warmup + preset.steps, warmup_steps=0,
-                      precision=rung.precision, compile=rung.compile,
+                      precision=precision, compile=rung.compile,
                       log_interval=preset.warmup, progress=False)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     history = train(model, batch_fn, cfg)
     tps = statistics.median(history.tokens_per_s[preset.warmup:])
     fpt = flops_per_token(model.config)
-    return {"rung": rung.name, **asdict(rung), "tokens_per_s": tps,
+    return {"rung": rung.name, **asdict(rung), "precision": precision,
+            "tokens_per_s": tps,
             "step_ms": 1e3 * b * c.block_size / tps,
             "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
                                   if device.type == "cuda" else None),
@@ -144,7 +155,8 @@ def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
 def peaks_of(device: torch.device) -> dict[str, float]:
     """The measured matmul peak of every precision a rung of the ladder can run in
     on ``device``: each rung's MFU is against the peak of its own precision."""
-    wanted = {r.precision for r in LADDER if skip_reason(r, device) is None}
+    wanted = {precision_of(r, device) for r in LADDER
+              if skip_reason(r, device) is None}
     return {p: measure_peak_flops(device, p) for p in sorted(wanted)}
 
 
@@ -154,7 +166,8 @@ def ladder(preset: SpeedPreset, device: torch.device,
     for rung in LADDER:
         reason = skip_reason(rung, device)
         if reason is None:
-            rows.append(measure(preset, rung, device, peaks[rung.precision]))
+            rows.append(measure(preset, rung, device,
+                                peaks[precision_of(rung, device)]))
             print(f"  {rung.name:14s} {rows[-1]['tokens_per_s']:>12,.0f} tokens/s  "
                   f"{rows[-1]['step_ms']:8.1f} ms/step  MFU {rows[-1]['mfu']:.1%}")
         else:
