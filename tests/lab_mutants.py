@@ -210,6 +210,10 @@ MUTANTS = {
              "4 * n_params, 4 * n_params, 4 * n_params"),          # one moment
             ("        adam /= world\n",
              "        adam /= world\n        weights /= world\n")],
+        5: [("part = chunk[i:i + block]", "part = chunk"),           # one scale a chunk
+            ("torch.round(part * scale) / scale", "part"),           # not quantised
+            ("shards.append(total / world)", "shards.append(total)"),  # a sum
+            ("scale = 127 / part.abs().max()", "scale = 255 / part.abs().max()")],
     },
     "12-mixture-of-experts": {
         1: [("    for j in range(k):  # every token's first choice, then every second "
