@@ -6,7 +6,7 @@ import pytest
 import torch
 from parallel_fixtures import TinyLM, random_batches
 
-from book.workers.common import max_abs_diff, train_single
+from book.workers.common import max_abs_diff, solution_code, train_single
 from book.workers.data import dropout_masks, train_worker
 from book.workers.timeline import dp_timeline_worker, overlap
 from llmcore.parallel import BucketedDataParallel, launch
@@ -101,3 +101,18 @@ def test_bucketed_all_reduce_overlaps_backward_and_one_bucket_cannot():
         one_comm = next(e for e in one["events"] if e["kind"] == "comm")
         assert one_comm["start"] >= next(e for e in one["events"]
                                          if e["kind"] == "backward")["end"] - 1e-3
+
+
+def test_solution_code_is_the_printed_solution(tmp_path):
+    """The chapters run the code their solutions print: indented lines only, from
+    the named solution, and a clear error for a missing or code-less one."""
+    page = tmp_path / "page.md"
+    page.write_text("```{solution} ex-a\n:class: dropdown\nProse.\n\n    x = 1\n"
+                    "    y = x + 1\n```\n\n````{solution} ex-b\nOnly prose.\n````\n")
+    namespace = {}
+    exec(solution_code(page, "ex-a"), namespace)
+    assert namespace["y"] == 2
+    with pytest.raises(ValueError, match="prints no code"):
+        solution_code(page, "ex-b")
+    with pytest.raises(ValueError, match="no solution 'ex-c'"):
+        solution_code(page, "ex-c")
