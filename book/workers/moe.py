@@ -3,15 +3,67 @@ one-process reference, and MoE against dense GPT training runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 import torch.distributed as dist
 
 from book.workers.common import plain_config, replay
+from llmcore.config import check_fields
+from llmcore.data import load_corpus
+from llmcore.data.lm import get_batch, split_tokens
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.nn.moe import MoE, end_moe_step
+from llmcore.nn.moe import MoE, MoEConfig, end_moe_step
+from llmcore.tokenizer.char import CharTokenizer
 from llmcore.parallel.expert_parallel import ExpertDataParallel
 from llmcore.parallel.launch import rank_device
 from llmcore.train import TrainConfig, evaluate, train
+
+
+@dataclass(frozen=True)
+class MoERun:
+    """A dense GPT and its MoE twin of equal active compute, trained on characters."""
+
+    n_layer: int  # blocks
+    n_head: int  # heads
+    n_embd: int  # width C
+    block_size: int  # context T
+    batch: int  # sequences per step
+    steps: int  # optimizer updates per run
+    lr: float  # AdamW peak learning rate (warm-up, then cosine)
+    n_experts: int  # E: experts per MoE layer, each 4 C / k wide
+    top_k: int  # k: experts per token
+    eval_every: int  # updates between validation losses
+
+    def __post_init__(self):
+        check_fields(self, "n_layer", "n_head", "n_embd", "block_size", "batch",
+                     "steps", "n_experts", "top_k", "eval_every", integer=True,
+                     above=0)
+        check_fields(self, "lr", above=0)
+
+    def dense(self, vocab_size: int) -> GPTConfig:
+        return GPTConfig(vocab_size, self.block_size, self.n_layer, self.n_head,
+                         self.n_embd)
+
+    def moe(self, vocab_size: int, **balance) -> GPTConfig:
+        """The MoE twin; ``balance``: MoEConfig fields (aux_loss_coef, bias_rate)."""
+        return replace(self.dense(vocab_size), moe=MoEConfig(
+            n_experts=self.n_experts, top_k=self.top_k, **balance))
+
+
+def char_batches(run: MoERun):
+    """(vocab size, train batch_fn, validation batch_fn) over Shakespeare's
+    characters, the last tenth held out."""
+    text = load_corpus("shakespeare")
+    tok = CharTokenizer.train(text)
+    train_ids, val_ids = split_tokens(torch.tensor(tok.encode(text)))
+
+    def train_fn(step, generator):
+        return get_batch(train_ids, run.batch, run.block_size, generator=generator)
+
+    def val_fn(step, generator):
+        return get_batch(val_ids, run.batch, run.block_size, generator=generator)
+    return tok.vocab_size, train_fn, val_fn
 
 
 def whole_names(model: torch.nn.Module) -> dict:
@@ -52,17 +104,18 @@ def ep_worker(rank: int, world_size: int, cfg: GPTConfig, data, lr: float,
             "sent": torch.stack(sent), "payload": dict(model.comm.stats.payload)}
 
 
-def one_device(cfg: GPTConfig, data, lr: float, micro_batches: int,
-               seed: int = 0) -> dict:
+def one_device(cfg: GPTConfig, data, lr: float, micro_batches: int, seed: int = 0,
+               device="cpu") -> dict:
     """The same training on one process: every batch in ``micro_batches`` parts (the
-    ranks' slices, in rank order), their gradients accumulated into one update."""
+    ranks' slices, in rank order), their gradients accumulated into one update; on
+    ``device`` (the ranks' kind, so that both round alike)."""
     torch.manual_seed(seed)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     loads = []
     history = train(model, replay(data, accumulate=micro_batches),
                     plain_config(len(data[0]), grad_accum=micro_batches),
                     optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                    on_step=lambda *_: loads.append(end_moe_step(model)))
+                    on_step=lambda *_: loads.append(end_moe_step(model).cpu()))
     return {"losses": history.loss, "state": whole_names(model),
             "loads": torch.stack(loads)}
 

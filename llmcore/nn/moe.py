@@ -46,8 +46,8 @@ class MoEConfig:
     # so that a token meets as many FFN weights as in the dense 4 C FFN
     capacity_factor: float = 1.25  # slots per expert: ceil(factor * k * tokens / E)
     norm_topk: bool = True  # gates renormalised to sum to 1 over a token's k
-    # choices (Mixtral, DeepSeek-V3); False: the raw probabilities (Switch, GShard;
-    # with top_k=1 a renormalised gate is always 1 and the router learns nothing)
+    # choices (GShard, Mixtral, DeepSeek-V3); False: the raw probabilities (Switch,
+    # DeepSeekMoE; with top_k=1 a renormalised gate is 1: the router learns nothing)
     aux_loss_coef: float = 0.01  # weight of the load-balancing loss; 0: none
     bias_rate: float = 0.0  # gamma of DeepSeek-V3's bias balancing; 0: no bias
 
