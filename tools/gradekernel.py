@@ -61,20 +61,25 @@ def install(name: str) -> None:
                "torch.nn.functional": torch.nn.functional, "numpy": numpy,
                "numpy.testing": numpy.testing}
     classes = [*torch.Tensor.__mro__[:-1], torch.nn.Module]
+    # What the kernel and torch replace by themselves: ipykernel's input() per cell;
+    # dynamo wraps manual_seed when first imported and Module's constructor when it
+    # first compiles.
+    own = {("builtins", "input"), ("torch", "manual_seed"), ("Module", "__init__"),
+           ("Module", "__setstate__"), ("Module", "___needs_generation_tag_patch")}
 
     def fingerprint() -> dict:
         seen = {}
         for where, module in modules.items():
             for attr, value in list(vars(module).items()):
-                if callable(value) and not attr.startswith("_") and \
-                        (where, attr) != ("builtins", "input"):  # ipykernel's, per cell
+                if callable(value) and not attr.startswith("_"):
                     seen[where, attr] = (id(value), id(getattr(value, "__code__", 0)))
-        for cls in classes:
+        for cls in classes:  # methods and descriptors (pickling caches data there)
             for attr, value in list(vars(cls).items()):
-                code = getattr(value, "__code__", getattr(
-                    getattr(value, "__func__", None), "__code__", 0))
-                seen[cls.__qualname__, attr] = (id(value), id(code))
-        return seen
+                if callable(value) or hasattr(value, "__get__"):
+                    code = getattr(value, "__code__", getattr(
+                        getattr(value, "__func__", None), "__code__", 0))
+                    seen[cls.__qualname__, attr] = (id(value), id(code))
+        return {key: v for key, v in seen.items() if key not in own}
 
     before = fingerprint()
     own_names = {cls.__qualname__ for cls in classes}
