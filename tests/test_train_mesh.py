@@ -201,11 +201,12 @@ def test_mesh_without_torchrun_names_torchrun():
               "--tp", "2", "--no-progress", "--out", "/nonexistent/x"])
 
 
-# Every layout resumes every other: one launch of 4 processes trains a step or two on
-# each of its layouts, each continuing the checkpoint the last one wrote; one launch of 2
-# processes goes on from there on its layouts (the crash this guards against: a run
-# saved with FSDP resumed tensor parallel). One process continues a 2-process run
-# through the command line above (test_mesh_run_resumes_on_fewer_processes).
+# Every layout resumes every other: one launch of 4 processes trains a step or two
+# on each of its layouts, each continuing the checkpoint the last one wrote; one
+# launch of 2 processes goes on from there on its layouts (the crash this guards
+# against: a run saved with FSDP resumed tensor parallel). One process continues a
+# 2-process run through the command line above
+# (test_mesh_run_resumes_on_fewer_processes).
 SMALL = GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=4, n_embd=16)
 TOKENS = torch.randint(32, (2000,), generator=torch.Generator().manual_seed(3))
 LAYOUTS = {4: [(2, 2, 2), (4, 1, 3), (1, 4, 4)], 2: [(2, 1, 5), (1, 2, 6)]}
