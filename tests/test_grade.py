@@ -242,7 +242,10 @@ def test_cheats_score_nothing_and_touch_no_other_result(tmp_path):
     folder.mkdir()
     marker = f"forger-{uuid.uuid4().hex}"
     handed_in = {
-        "honest": cheat(double="2 * x", square="x * x"),
+        # what torch changes by itself is no cheat: dynamo (imported with the
+        # training loop) wraps torch.manual_seed, pickling caches Tensor.__slotnames__
+        "honest": cheat("import pickle\nimport llmcore.train\n"
+                        "pickle.dumps(torch.ones(2))", double="2 * x", square="x * x"),
         "custom_exc": cheat(CUSTOM_EXC),
         "transformer": cheat(TRANSFORMER),
         "reads_source": cheat(READS_SOURCE.format(lab=str(lab), root=str(grade.ROOT)),
