@@ -147,3 +147,26 @@ def test_the_loop_trains_and_resumes_with_muon(tmp_path):
     resumed, _ = run(resume=True, path=tmp_path / "c.pt")
     for a, b in zip(whole.parameters(), resumed.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_fast_preset_trains_with_muon(tmp_path):
+    """``--preset shakespeare-char-fast`` through ``run``: its options reach the model
+    and Muon is the optimizer (its state is in the checkpoint); a mesh is refused."""
+    from llmcore.config import override
+    from llmcore.runtime import setup
+    from llmcore.train import run as runs
+    from llmcore.train.checkpoint import read_checkpoint
+
+    rt = setup(seed=0, tier="cpu")
+    preset = rt.pick(runs.PRESETS["shakespeare-char-fast"])
+    preset = override(preset, batch_size=4, train=override(
+        preset.train, max_steps=3, warmup_steps=1, eval_interval=0, eval_steps=2,
+        ckpt_interval=0, progress=False))
+    model, history, _ = runs.run(preset, rt, tmp_path)
+    assert model.config.pos == "rope" and model.config.qk_norm
+    assert not model.config.use_sdpa and model.config.zero_init
+    state = read_checkpoint(tmp_path / "ckpt.pt")["optimizer"]["state"]
+    assert any("momentum_buffer" in s for s in state.values())  # Muon's
+    assert history.loss[-1] < history.loss[0]
+    with pytest.raises(ValueError, match="Muon"):
+        runs.run(preset, rt, mesh=(2, 1))

@@ -1,4 +1,4 @@
-"""Muon: momentum SGD whose update matrix is orthogonalised by a Newton-Schulz iteration.
+"""Muon: momentum SGD whose update is orthogonalised by a Newton-Schulz iteration.
 
 Jordan et al., "Muon: An optimizer for hidden layers in neural networks" (2024). For a
 weight matrix W the gradient's momentum M = U S V^T is replaced by (about) U V^T: every

@@ -37,6 +37,7 @@ from llmcore.runtime import Runtime, device_name
 from llmcore.tokenizer import BPETokenizer, CharTokenizer, Tokenizer
 from llmcore.train.checkpoint import read_checkpoint, save_checkpoint
 from llmcore.train.loop import History, TrainConfig, train
+from llmcore.train.muon import Muon, muon_param_groups
 from llmcore.train.outdir import SHARDS, claim_out
 from llmcore.train.resume import MAY_CHANGE, check_resume
 from llmcore.train.step import resolve_precision
@@ -60,6 +61,12 @@ class RunPreset:
     # BPE, llmcore.tokenizer.bpe), trained on the corpus
     vocab_size: int | None = None  # bpe: ids in all, 256 bytes + merges; char: None
     # (the corpus's characters)
+    use_sdpa: bool = True  # these four are GPTConfig's options (llmcore.models.gpt)
+    pos: str = "learned"
+    qk_norm: bool = False
+    zero_init: bool = False
+    muon_lr: float = 0.0  # > 0: Muon (llmcore.train.muon) at this lr for the hidden
+    # matrices, AdamW at train.lr for the rest; 0: AdamW for everything
 
     def __post_init__(self):
         check_fields(self, "n_layer", "n_head", "n_embd", "block_size", "batch_size",
@@ -76,6 +83,7 @@ class RunPreset:
                              "a char tokenizer has one id per character of the text")
         if self.tokenizer == "bpe":
             check_fields(self, "vocab_size", integer=True, minimum=256)
+        check_fields(self, "muon_lr", minimum=0)
 
 
 PRESETS: dict[str, Tiered[RunPreset]] = {
@@ -96,6 +104,20 @@ PRESETS: dict[str, Tiered[RunPreset]] = {
                           ckpt_interval=1000, compile=True)),
     ),
 }
+# The time-to-loss ladder's last recipe (python -m tools.bench speedrun, chapter
+# "Training faster"): on the CPU bf16, the hand-written attention, RoPE, QK-norm,
+# zero-initialised projections, Muon and a batch of 32; it reaches nanoGPT's
+# 2,000-step loss in a fraction of nanoGPT's time. GPU: shakespeare-char's, until a
+# GPU ladder is measured. (shakespeare-char itself keeps AdamW: the mesh runs and
+# the chapters built on it train it with --dp/--tp and compare it step for step.)
+PRESETS["shakespeare-char-fast"] = Tiered(
+    cpu=RunPreset("shakespeare", n_layer=4, n_head=4, n_embd=128, block_size=64,
+                  batch_size=32, use_sdpa=False, pos="rope", qk_norm=True,
+                  zero_init=True, muon_lr=0.08, train=TrainConfig(
+                      max_steps=300, lr=4e-3, warmup_steps=30, min_lr_ratio=0.0,
+                      betas=(0.9, 0.99), precision="bf16", eval_interval=50,
+                      eval_steps=20, ckpt_interval=100)),
+    gpu=PRESETS["shakespeare-char"].gpu)
 
 
 @dataclass(frozen=True)
@@ -143,7 +165,19 @@ def build_data(preset: RunPreset, cache: Path | None = None, reuse: bool = False
 
 def build_model(preset: RunPreset, vocab_size: int) -> GPT:
     return GPT(GPTConfig(vocab_size, preset.block_size, preset.n_layer, preset.n_head,
-                         preset.n_embd, dropout=preset.dropout))
+                         preset.n_embd, dropout=preset.dropout,
+                         use_sdpa=preset.use_sdpa, pos=preset.pos,
+                         qk_norm=preset.qk_norm, zero_init=preset.zero_init))
+
+
+def build_optimizer(model: torch.nn.Module,
+                    preset: RunPreset) -> torch.optim.Optimizer | None:
+    """Muon for the hidden matrices and AdamW for the rest if ``preset.muon_lr``;
+    None: the loop's AdamW."""
+    if not preset.muon_lr:
+        return None
+    return Muon(muon_param_groups(model, preset.muon_lr, preset.train.lr),
+                betas=preset.train.betas)
 
 
 def join_mesh(dp: int, tp: int):
@@ -206,6 +240,10 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
     goes on with ``resume``). Your own text (``preset.corpus`` a path) is tokenised
     once into ``OUT/tokens.bin``, which ``resume`` reads back.
     """
+    if mesh and preset.muon_lr:
+        raise ValueError("Muon orthogonalises whole matrices and runs on one process "
+                         "here; train this preset without --dp/--tp, or a preset "
+                         "without muon_lr on the mesh")
     if resume and mesh and out is not None and (Path(out) / "ckpt.pt").exists() and \
             not (Path(out) / SHARDS).exists():  # before any process group or model
         refuse_unsharded(out)
@@ -259,6 +297,7 @@ def run(preset: RunPreset, rt: Runtime, out: str | Path | None = None,
                 lambda g: get_batch(data.train, preset.batch_size * mesh[0],
                                     preset.block_size, g), rt.seed, dp_rank, mesh[0])
         history = train(model, train_fn, preset.train, val_batch_fn=val_fn,
+                        optimizer=build_optimizer(model, preset),
                         generator=generator, ckpt_path=ckpt, start_from=saved,
                         dp_group=dp_group, meta=meta, stop_at=stop_at)
         if info is not None:
