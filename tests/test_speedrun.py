@@ -243,3 +243,60 @@ def test_bad_arguments_are_refused_with_the_fix():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA"):
             speedrun.main(["--gpu"])
+
+
+def test_the_crossing_is_drawn_between_evaluations():
+    assert speedrun.crossing([[10, 1.0, 3.0], [20, 2.0, 1.0]], 2.0) == 1.5
+    assert speedrun.crossing([[10, 1.0, 1.0], [20, 2.0, 0.5]], 2.0) == 1.0
+    assert speedrun.crossing([[10, 1.0, 3.0], [20, 2.0, 2.5]], 2.0) is None
+
+
+def test_a_budget_stops_the_run_after_that_much_training(monkeypatch):
+    calls = []
+
+    def evaluation(model, val, *a, **k):
+        calls.append(1)
+        time.sleep(0.2)  # evaluation time does not count against the budget
+        return 3.0
+
+    monkeypatch.setattr(speedrun, "full_val_loss", evaluation)
+    recipe = Recipe(TINY, batch_size=2, eval_every=40, train=TrainConfig(
+        max_steps=10**5, warmup_steps=0, progress=False))
+    out = speedrun.run_rung(recipe, 0, None, torch.device("cpu"), budget=0.5)
+    assert 0.5 <= out["end_seconds"] < 1.0 and out["steps"] < 10**5
+    assert len(calls) == len(out["curve"]) == out["steps"] // 40 + (
+        out["steps"] % 40 != 0)
+
+
+@pytest.mark.parametrize("name", sorted(ladder.LADDERS))
+def test_every_rung_trains_at_a_tiny_size(name, monkeypatch):
+    """Each rung's options build and train together (the gpu ladder's too, here on
+    the CPU, uncompiled): two steps of a one-layer model, a finite loss."""
+    full = speedrun.splits()
+    monkeypatch.setattr(speedrun, "splits", lambda: (full[0], full[1][:64 * 4 + 1]))
+    for rung in ladder.LADDERS[name]():
+        small = ladder.edit(rung.recipe, batch_size=2, eval_every=2, model={
+            "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 64}, train={
+            "max_steps": 2, "warmup_steps": 0, "compile": False})
+        out = speedrun.run_rung(small, 0, None, torch.device("cpu"))
+        assert math.isfinite(out["final_val_loss"]), rung.name
+
+
+def test_the_fast_cli_preset_is_the_ladders_last_recipe():
+    from llmcore.train.run import PRESETS
+    preset = PRESETS["shakespeare-char-fast"].cpu
+    recipe = ladder.final_recipe(ladder.cpu_ladder())
+    m = recipe.model
+    assert (preset.n_layer, preset.n_head, preset.n_embd, preset.block_size,
+            preset.batch_size, preset.dropout) == (
+        m.n_layer, m.n_head, m.n_embd, m.block_size, recipe.batch_size, m.dropout)
+    assert (preset.use_sdpa, preset.pos, preset.qk_norm, preset.zero_init) == (
+        m.use_sdpa, m.pos, m.qk_norm, m.zero_init)
+    assert preset.muon_lr == recipe.muon_lr
+    for name in ("max_steps", "lr", "warmup_steps", "min_lr_ratio", "betas",
+                 "precision", "grad_clip"):
+        assert getattr(preset.train, name) == getattr(recipe.train, name), name
+    # every other option of the ladder's model is GPTConfig's default
+    assert m == type(m)(m.vocab_size, m.block_size, m.n_layer, m.n_head, m.n_embd,
+                        use_sdpa=m.use_sdpa, pos=m.pos, qk_norm=m.qk_norm,
+                        zero_init=m.zero_init)

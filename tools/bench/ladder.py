@@ -88,32 +88,39 @@ def cpu_ladder() -> tuple[Rung, ...]:
     lad = Ladder("nanoGPT's recipe", "the starting point: nanoGPT's CPU recipe in "
                  "llmcore's loop", NANOGPT)
     lad.add("bf16 autocast", "matmuls in bfloat16: half the bytes, and this CPU has "
-            "bf16 dot-product instructions", train={"precision": "bf16"},
-            eval_every=125)
+            "bf16 dot-product instructions", train={"precision": "bf16"})
     lad.add("hand-written attention", "PyTorch's fused CPU attention is slow "
             "backwards in bf16 at this size; two batched matmuls are not",
             model={"use_sdpa": False})
-    lad.add("higher lr, decay to 0", "a small model tolerates a larger step; the "
-            "decay to zero removes the noise at the end", train={
-                "lr": 3e-3, "warmup_steps": 50, "min_lr_ratio": 0.0,
-                "max_steps": 1200}, eval_every=50)
-    lad.add("Muon", "orthogonalised updates for the hidden matrices: every "
-            "direction moves, not only the largest", muon_lr=0.05,
-            train={"max_steps": 600}, eval_every=25)
-    lad.add("batch 32", "larger matmuls run faster per token, and a less noisy "
-            "gradient allows fewer steps", batch_size=32,
-            train={"max_steps": 300, "warmup_steps": 30})
-    lad.add("RoPE", "relative positions by rotation: nothing to learn per position",
-            model={"pos": "rope"})
-    lad.add("ReLU^2", "a sparser, sharper MLP activation",
+    lad.add("lr 3e-3, decay to 0", "a small model tolerates a larger step; the "
+            "decay to zero takes the noise out at the end",
+            train={"lr": 3e-3, "warmup_steps": 50, "min_lr_ratio": 0.0},
+            eval_every=100)
+    lad.add("batch 32, lr 4e-3", "fewer, larger steps: a less noisy gradient "
+            "takes a larger lr, and larger matmuls cost less per token", kept=False,
+            batch_size=32, train={"lr": 4e-3, "warmup_steps": 30, "max_steps": 700},
+            eval_every=25)
+    lad.add("Muon, batch 32", "orthogonalised updates for the hidden matrices: "
+            "every direction of a matrix moves, not only its largest; its fixed cost "
+            "per step wants many tokens per step", muon_lr=0.05, batch_size=32,
+            train={"lr": 4e-3, "warmup_steps": 30, "max_steps": 300}, eval_every=25)
+    lad.add("RoPE", "relative positions by rotation: nothing to learn per "
+            "position", model={"pos": "rope"})
+    lad.add("Muon lr 0.08", "a larger step for the hidden matrices", kept=False,
+            muon_lr=0.08)
+    lad.add("QK-norm + Muon lr 0.08", "normalised queries and keys bound the "
+            "attention logits however the matrices grow: the larger step is stable",
+            muon_lr=0.08, model={"qk_norm": True})
+    lad.add("zero-init projections", "every block starts as the identity: the "
+            "first steps train a shallow network", model={"zero_init": True})
+    lad.add("ReLU^2", "a sparser MLP activation (modded-nanogpt's)", kept=False,
             model={"activation": "relu2"})
-    lad.add("QK-norm", "bounded attention logits: a larger lr stays stable",
-            model={"qk_norm": True})
-    lad.add("untied head", "the output layer need not be the embedding",
-            model={"tie_weights": False})
-    lad.add("zero-init projections", "every block starts as the identity",
-            model={"zero_init": True})
-    lad.add("RMSNorm", "one reduction instead of two", model={"norm": "rmsnorm"})
+    lad.add("untied head", "an output layer of its own (zero at the start)",
+            kept=False, model={"tie_weights": False})
+    lad.add("RMSNorm", "one reduction instead of two", kept=False,
+            model={"norm": "rmsnorm"})
+    lad.add("context 128, batch 16", "longer sequences, the same tokens per step",
+            kept=False, batch_size=16, model={"block_size": 128})
     return tuple(lad.rungs)
 
 

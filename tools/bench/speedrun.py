@@ -19,7 +19,8 @@ same threads; ``--realtime`` runs them all under round-robin real-time schedulin
 and loss curves), the CPU, the load, the date and the torch version.
 
 ``--gpu`` runs the same ladder at GPT-2 small's shape (12 layers, width 768) on one
-CUDA GPU; its target is the baseline rung's lowest validation loss.
+CUDA GPU (``results/speedrun-<gpu>.json``); its target is the baseline rung's lowest
+validation loss.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from tools.bench import nanogpt
 from tools.bench.ladder import EVAL_CONTEXT, LADDERS, Recipe, Rung
 from tools.bench.nanogpt import char_ids
 from tools.bench.parallel import realtime
+from tools.bench.results import slug
 from tools.bench.speed import cpu_model
 
 
@@ -80,6 +82,21 @@ def full_val_loss(model: torch.nn.Module, val: torch.Tensor,
     return total.item() / (n * context)
 
 
+def crossing(curve: list[list[float]], target: float) -> float | None:
+    """The training seconds at which the curve of ``[step, seconds, loss]`` points,
+    drawn straight between evaluations, first meets ``target`` (an estimate finer
+    than the evaluation at or below it); None if it never does."""
+    before = None
+    for _, seconds, loss in curve:
+        if loss <= target:
+            if before is None:
+                return seconds
+            return before[0] + (seconds - before[0]) * (before[1] - target) / (
+                before[1] - loss)
+        before = (seconds, loss)
+    return None
+
+
 class TargetReached(Exception):
     """Raised from the step hook to end a run at its first evaluation at the target."""
 
@@ -95,9 +112,10 @@ def make_optimizer(model: GPT, recipe: Recipe) -> torch.optim.Optimizer | None:
 
 
 def run_rung(recipe: Recipe, seed: int, target: float | None,
-             device: torch.device) -> dict:
-    """Train ``recipe`` with ``seed`` until its schedule ends or an evaluation is at
-    or below ``target``; the curve of (steps, training seconds, validation loss)."""
+             device: torch.device, budget: float | None = None) -> dict:
+    """Train ``recipe`` with ``seed`` until its schedule ends, an evaluation is at
+    or below ``target``, or (evaluating then) ``budget`` seconds of training are
+    spent; the curve of (steps, training seconds, validation loss)."""
     train_ids, val = splits()
     torch.manual_seed(seed)
     model = GPT(recipe.model).to(device)
@@ -115,8 +133,15 @@ def run_rung(recipe: Recipe, seed: int, target: float | None,
         step_times.append(now)
         return get_batch(train_ids, batch, recipe.model.block_size, generator)
 
+    def over_budget() -> bool:
+        if budget is None:
+            return False
+        sync(device)
+        return time.perf_counter() - clock["start"] - clock["eval"] >= budget
+
     def on_step(done, *_):
-        if done % recipe.eval_every and done != cfg.max_steps:
+        spent = over_budget()
+        if done % recipe.eval_every and done != cfg.max_steps and not spent:
             return
         sync(device)
         now = time.perf_counter()
@@ -124,7 +149,7 @@ def run_rung(recipe: Recipe, seed: int, target: float | None,
         loss = full_val_loss(model, val)
         clock["eval"] += time.perf_counter() - now  # evaluation is not training
         curve.append([done, seconds, loss])
-        if target is not None and loss <= target:
+        if spent or (target is not None and loss <= target):
             raise TargetReached
 
     try:
@@ -137,7 +162,9 @@ def run_rung(recipe: Recipe, seed: int, target: float | None,
     tokens = steps * batch * recipe.model.block_size
     gaps = sorted(b - a for a, b in zip(step_times, step_times[1:]))
     return {"seed": seed, "curve": curve, "reached": hit is not None,
-            "seconds": hit[1] if hit else None, "steps": steps, "tokens": tokens,
+            "seconds": hit[1] if hit else None,
+            "crossing_seconds": crossing(curve, target) if hit else None,
+            "end_seconds": curve[-1][1], "steps": steps, "tokens": tokens,
             "flops": tokens * flops_per_token(recipe.model),
             "final_val_loss": curve[-1][2], "best_val_loss": min(c[2] for c in curve),
             "step_ms": 1e3 * gaps[len(gaps) // 2] if gaps else None}
@@ -145,9 +172,11 @@ def run_rung(recipe: Recipe, seed: int, target: float | None,
 
 def worker(ladder: str, index: int, seed: int, target: float | None,
            env: dict) -> dict:
-    """One rung in a fresh process (the threads and scheduling of this one)."""
+    """One rung in a fresh process, with the threads of ``env`` (OMP_NUM_THREADS)
+    and the scheduling of this one."""
     cmd = [sys.executable, "-m", "tools.bench", "speedrun", "--ladder", ladder,
-           "--worker", str(index), "--seed", str(seed)]
+           "--worker", str(index), "--seed", str(seed),
+           "--threads", env["OMP_NUM_THREADS"]]
     if target is not None:
         cmd += ["--target", repr(target)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -188,7 +217,7 @@ def summarise(rungs: tuple[Rung, ...], rows: list[list[dict]]) -> list[dict]:
                     "reached": [r["reached"] for r in runs],
                     **{k: [r[k] for r in runs] for k in (
                         "steps", "tokens", "flops", "final_val_loss", "step_ms",
-                        "seed")},
+                        "crossing_seconds", "end_seconds", "seed")},
                     "curves": [r["curve"] for r in runs]})
     return out
 
@@ -308,7 +337,8 @@ def run_rounds(args, ladder_name: str, ladder: tuple[Rung, ...]) -> int:
         result["speedup_range"] = [min(ratios), max(ratios)] if ratios else None
         print(f"llmcore reaches nanoGPT's loss {result['speedup_median']:.2f}x faster "
               f"(median of {len(ratios)} rounds)")
-    path = args.json or Path("results") / f"speedrun-{result['device']}.json"
+    name = slug(result["hardware"]) if args.gpu else "cpu"
+    path = args.json or Path("results") / f"speedrun-{name}.json"
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"-> {path}")
