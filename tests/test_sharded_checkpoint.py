@@ -15,10 +15,13 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.parallel import dcp
-from llmcore.train import outdir
+from llmcore.parallel.native import apply_fsdp
+from llmcore.train import TrainConfig, outdir, train
 from llmcore.train.outdir import SHARDS, claim_out
+from tests.test_train import NaNAt, batch_fn, make_model
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +214,22 @@ def test_a_damaged_former_checkpoint_with_nothing_better_is_kept(tmp_path, group
     shard.write_bytes(bytes(data))
     (notes,) = dcp.recover(path)
     assert "ckpt.dcp.old is damaged" in notes and old.is_dir() and not path.exists()
+
+
+def test_a_sharded_run_that_diverges_is_put_back_to_its_last_checkpoint(tmp_path,
+                                                                          group):
+    """The loop's rollback after a non-finite step, for a model in shards (as
+    ``--dp 1 --tp 1`` trains): it called the sharded restore with arguments that
+    only the whole-file one took."""
+    mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("dp",))
+    model = apply_fsdp(make_model(), mesh)
+    path = tmp_path / SHARDS
+    with pytest.raises(FloatingPointError, match="at step 6.*checkpoint, step 4"):
+        train(model, batch_fn, TrainConfig(max_steps=10, ckpt_interval=4,
+                                           log_interval=4, progress=False),
+              loss_fn=NaNAt(6), ckpt_path=path)
+    assert dcp.read_extra(path)["step"] == 4
+    saved = make_model()
+    dcp.load(path, apply_fsdp(saved, mesh))
+    for (name, p), q in zip(model.named_parameters(), saved.parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), name
