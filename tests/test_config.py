@@ -4,8 +4,8 @@ import math
 
 import pytest
 
+from book.workers.costmodel import Plan
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel.costmodel import Plan
 
 
 @pytest.mark.parametrize("bad", [128.0, math.nan, 0, -4, True, "128"])

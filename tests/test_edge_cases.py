@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import llmcore.generate as generation
+from book.workers.costmodel import bubble_fraction
 from llmcore.accounting import mfu
 from llmcore.apps.finetune import predict
 from llmcore.config import IGNORE_INDEX
-from llmcore.parallel.costmodel import bubble_fraction
 from llmcore.runtime import seed_everything
 from llmcore.tokenizer import CharTokenizer
 from llmcore.train import TrainConfig, evaluate, train

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
+from book.workers.activations import (activation_bytes, block_activation_bytes,
+                                      saved_bytes)
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel.activations import (activation_bytes,
-                                          apply_activation_checkpointing,
-                                          block_activation_bytes, saved_bytes)
+from llmcore.parallel.recompute import apply_activation_checkpointing
 
 
 def _saved(cfg, dtype, every=0, batch=2):

@@ -2,11 +2,11 @@
 
 import pytest
 
+from book.workers.activations import activation_bytes
+from book.workers.costmodel import (Plan, bubble_fraction, estimate,
+                                    memory_per_rank, pp_payload)
 from llmcore.accounting import zero_state_bytes
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel.activations import activation_bytes
-from llmcore.parallel.costmodel import (Plan, bubble_fraction, estimate,
-                                        memory_per_rank, pp_payload)
 
 
 def test_zero_memory_and_bubble():

@@ -7,10 +7,10 @@ import torch
 from parallel_fixtures import TinyLM, random_batches
 
 from book.workers.common import max_abs_diff, solution_code, train_single
+from book.workers.costmodel import dp_payload
 from book.workers.data import dropout_masks, train_worker
 from book.workers.timeline import dp_timeline_worker, overlap
 from llmcore.parallel import BucketedDataParallel, launch
-from llmcore.parallel.costmodel import dp_payload
 from llmcore.parallel.data_parallel import make_buckets
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)

@@ -8,18 +8,18 @@ import torch.distributed as dist
 from parallel_fixtures import TinyLM, WithIdle, random_batches
 
 from book.workers.common import (
-    local_batches,
-    plain_config,
-    replay,
-    train_adam_single,
-    units_of,
-)
+                                 local_batches,
+                                 plain_config,
+                                 replay,
+                                 train_adam_single,
+                                 units_of,
+                                 )
+from book.workers.costmodel import zero_payload
 from book.workers.zero import fsdp_worker, zero_worker
 from llmcore.accounting import zero_bytes_per_param, zero_state_bytes
 from llmcore.config import override
 from llmcore.parallel import launch
 from llmcore.parallel.comm import Comm
-from llmcore.parallel.costmodel import zero_payload
 from llmcore.parallel.quantized_comm import (FORMATS, decode, encode,
                                              quantized_all_gather,
                                              quantized_all_reduce, quantized_payload,

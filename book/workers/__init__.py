@@ -11,5 +11,8 @@ imports this package; the chapters, labs, benchmarks and tests do.
 * :mod:`.tensor`: tensor and data x tensor parallelism (chapters 16 and 19);
 * :mod:`.pipeline`: pipeline schedules and data x pipeline (chapters 17 and 19);
 * :mod:`.context`: ring attention, context parallelism (chapter 16);
-* :mod:`.timeline`: measured timelines of bucketed data parallelism and 1F1B, plots.
+* :mod:`.timeline`: measured timelines of bucketed data parallelism and 1F1B, plots;
+* :mod:`.activations`: activation memory per block, counted and measured;
+* :mod:`.costmodel`, :mod:`.steptime`: what a parallel plan costs in memory and
+  bytes, and how long its step takes (chapters 14-19).
 """

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import itertools
 
+from book.workers.costmodel import Plan, memory_per_rank
+from book.workers.steptime import Cluster, Device, Link, step_time
 from llmcore.accounting import flops_per_token
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel.costmodel import Plan, memory_per_rank
-from llmcore.parallel.steptime import Cluster, Device, Link, step_time
 
 H100_BF16_PEAK = 989e12  # FLOP/s, dense
 NVLINK4 = 450e9  # bytes/s per GPU per direction (900 GB/s bidirectional)

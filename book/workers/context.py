@@ -9,9 +9,9 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from book.workers.activations import saved_bytes
 from book.workers.tensor import block_layouts, pairs
 from llmcore.models.gpt import GPT
-from llmcore.parallel.activations import saved_bytes
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.context_parallel import (ContextParallel,
                                                ContextParallelAttention, sync_grads)

@@ -14,10 +14,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                parallelize_module)
 
+from book.workers.activations import saved_bytes
 from book.workers.common import plain_config, replay, to_cpu
 from llmcore.config import override
 from llmcore.models.gpt import GPT
-from llmcore.parallel.activations import saved_bytes
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.data_parallel import NaiveDataParallel
 from llmcore.parallel.launch import rank_device

@@ -5,7 +5,7 @@ reduce-scatter, all-gather, all-to-all, broadcast, point-to-point send/recv.
 :class:`Comm` wraps them for one process group and records, per operation, how many
 calls were made and how many bytes this rank handed in (the *payload*); with
 ``trace=True`` also the order of the calls. The cost model
-(``llmcore.parallel.costmodel``) predicts the same numbers, so tests compare the two.
+(``book.workers.costmodel``) predicts the same numbers, so tests compare the two.
 
 On a ring of N ranks an all-reduce of P bytes moves 2(N-1)/N * P bytes out of every
 rank (a reduce-scatter and an all-gather, each (N-1)/N * P); :func:`wire_bytes`

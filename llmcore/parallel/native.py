@@ -34,7 +34,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                parallelize_module)
 
 from llmcore.nn import MultiHeadAttention
-from llmcore.parallel.activations import apply_activation_checkpointing
+from llmcore.parallel.recompute import apply_activation_checkpointing
 from llmcore.parallel.launch import (default_backend, gpu_count, rank_device,
                                      torchrun_env)
 from llmcore.runtime import select_device

@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from book.workers.steptime import OPS, Link, ring_steps
 from llmcore.parallel.comm import wire_bytes
-from llmcore.parallel.steptime import OPS, Link, ring_steps
 
 
 def _collective(op: str, numel: int, rank: int, world: int) -> Callable[[], object]:

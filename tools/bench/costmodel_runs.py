@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from book.workers.costmodel import Plan
+from book.workers.steptime import OPS, Cluster, Device, step_time
 from llmcore.accounting import flops_per_token
 from llmcore.config import check_fields
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.comm import Comm
-from llmcore.parallel.costmodel import Plan
 from llmcore.parallel.data_parallel import BucketedDataParallel
 from llmcore.parallel.launch import launch
 from llmcore.parallel.pipeline import GPTStage, run_pipeline, sync_tied_grads
-from llmcore.parallel.steptime import OPS, Cluster, Device, step_time
 from llmcore.parallel.tensor_parallel import apply_tensor_parallel
 from llmcore.parallel.zero import ZeroDataParallel
 from tools.bench.calibrate import (fit_compute, fit_link, median_times, slowest,

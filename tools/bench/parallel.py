@@ -1,6 +1,6 @@
 """Parallel step time, predicted and measured: ``python -m tools.bench parallel``.
 
-Calibrates the step-time model (:mod:`llmcore.parallel.steptime`) on this machine,
+Calibrates the step-time model (:mod:`book.workers.steptime`) on this machine,
 times data parallel, ZeRO-1, ZeRO-3, tensor parallel, a 1F1B pipeline (2 processes)
 and data parallel and data x tensor parallel (4 processes) with gloo on the CPU, and
 writes both times per plan to ``results/parallel-<device>.json`` with the hardware,

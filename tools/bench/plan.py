@@ -11,7 +11,7 @@ Memory of a training workload (:mod:`tools.bench.presets` finds them), by part:
   fp32 moments, 16 bytes per parameter, plus under autocast the 16-bit copies of the
   weights it caches for the forward (2 bytes per parameter);
 * the activations the blocks keep for the backward, in the precision's bytes, for
-  the attention kernel the preset uses (``llmcore.parallel.activations``: with the
+  the attention kernel the preset uses (``book.workers.activations``: with the
   hand-written kernel the T x T scores too);
 * the logits and their gradient: 8 bytes per element in fp32, 16 under autocast
   (16-bit logits, their fp32 copy for the loss, the fp32 softmax and gradient);
@@ -39,10 +39,10 @@ import json
 import sys
 from pathlib import Path
 
+from book.workers.activations import block_activation_bytes
 from llmcore.accounting import flops_per_token, gpt_param_count
 from llmcore.config import GPU_BUDGET_GB
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel.activations import block_activation_bytes
 from llmcore.runtime import DEVICE_CLASSES, DeviceCaps, DeviceClass, fit_memory
 from tools.bench.presets import Workload, library_presets, notebook_workloads
 from tools.notebooks import find_root, notebooks

@@ -11,18 +11,18 @@ Closed-form counts for a GPT (``llmcore.models.gpt.GPTConfig``) trained with Ada
 * the pipeline bubble of each schedule of :mod:`llmcore.parallel.schedules` and the
   micro-batches whose activations a stage holds at once;
 * memory per rank: the state plus the activations in flight
-  (:mod:`llmcore.parallel.activations`).
+  (:mod:`book.workers.activations`).
 
-:mod:`llmcore.parallel.steptime` turns the bytes into seconds.
+:mod:`book.workers.steptime` turns the bytes into seconds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from book.workers.activations import activation_bytes
 from llmcore.accounting import gpt_param_count, zero_state_bytes
 from llmcore.config import check_fields
-from llmcore.parallel.activations import activation_bytes
 from llmcore.parallel.comm import wire_bytes
 
 

@@ -1,4 +1,4 @@
-"""Activation memory: what a GPT block keeps for its backward pass, and recomputing it.
+"""Activation memory: what a GPT block keeps for its backward pass, counted, measured.
 
 Backward needs, per block and token, the inputs of every matmul and nonlinearity of
 the forward. For llmcore's ``GPTBlock`` (pre-LN, one fused q/k/v projection, no
@@ -28,16 +28,13 @@ and v are stored apart, as are the softmax, the dropout mask and the dropped wei
 the activation dtype on the CPU): ``18 C s + 3 nh T s`` plus the norms' statistics.
 Korthikanti et al. 2022 give the same count for Megatron's blocks with biases.
 
-Activation checkpointing (Chen et al. 2016) keeps only each checkpointed block's
-input and runs its forward again during backward: about one more forward per step
-(a third more compute) for most of the activation memory.
+Activation checkpointing (:mod:`llmcore.parallel.recompute`) keeps only each
+checkpointed block's input: :func:`activation_bytes` counts that too.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 
 def block_activation_bytes(n_embd: int, n_head: int, seq: int, dtype_bytes: float = 2,
@@ -95,23 +92,3 @@ def saved_bytes(fn, *args, exclude=()) -> tuple[int, object]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args)
     return sum(seen.values()), out
-
-
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return run
-
-
-def apply_activation_checkpointing(model: nn.Module, every: int = 1) -> list[int]:
-    """Recompute every ``every``-th block of ``model.blocks`` in backward instead of
-    saving its activations; in place, parameter names unchanged. Returns the indices
-    of the checkpointed blocks."""
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"every must be a positive int (1: every block), "
-                         f"got {every!r}")
-    chosen = list(range(0, len(model.blocks), every))
-    for i in chosen:
-        block = model.blocks[i]
-        block.forward = _checkpointed(block.forward)
-    return chosen

@@ -1,7 +1,7 @@
 """How long a training step of a parallel plan takes: compute, messages, bubble,
 overlap.
 
-The byte counts of :mod:`llmcore.parallel.costmodel` become seconds with three models:
+The byte counts of :mod:`book.workers.costmodel` become seconds with three models:
 
 * compute: a rank's share of the step's FLOPs at the device's sustained rate, plus a
   fixed time per step that does not shrink with the work (operator dispatch, small
@@ -11,7 +11,7 @@ The byte counts of :mod:`llmcore.parallel.costmodel` become seconds with three m
   moves 2(n-1)/n of the payload, all-gather and reduce-scatter (n-1) steps and
   (n-1)/n, a send one step and the whole message (Patarasuk & Yuan 2009);
 * the pipeline: m slots of one micro-batch's forward and backward plus the idle
-  time of the plan's schedule (:func:`llmcore.parallel.costmodel.bubble_fraction`:
+  time of the plan's schedule (:func:`book.workers.costmodel.bubble_fraction`:
   (p - 1) slots for 1F1B or GPipe, Narayanan et al. 2021), and overlap: bucketed
   all-reduce behind backward (Li et al. 2020), FSDP's prefetched all-gathers behind
   the blocks' compute.
@@ -25,11 +25,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from book.workers.costmodel import Plan, bubble_fraction, tp_payload, zero_payload
 from llmcore.accounting import flops_per_token, gpt_param_count
 from llmcore.config import check_fields
 from llmcore.parallel.comm import wire_bytes
-from llmcore.parallel.costmodel import (Plan, bubble_fraction, tp_payload,
-                                        zero_payload)
 
 OPS = ("all_reduce", "reduce_scatter", "all_gather", "send")
 
