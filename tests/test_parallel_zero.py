@@ -8,12 +8,12 @@ import torch.distributed as dist
 from parallel_fixtures import TinyLM, WithIdle, random_batches
 
 from book.workers.common import (
-                                 local_batches,
-                                 plain_config,
-                                 replay,
-                                 train_adam_single,
-                                 units_of,
-                                 )
+    local_batches,
+    plain_config,
+    replay,
+    train_adam_single,
+    units_of,
+)
 from book.workers.costmodel import zero_payload
 from book.workers.zero import fsdp_worker, zero_worker
 from llmcore.accounting import zero_bytes_per_param, zero_state_bytes
