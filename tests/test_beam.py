@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from llmcore.apps.beam import beam_search, length_norm, sequence_logprob
+from book.workers.beam import beam_search, length_norm, sequence_logprob
 from llmcore.models.seq2seq import EncoderDecoder, Seq2SeqConfig
 
 PAD, BOS, EOS = 0, 1, 2

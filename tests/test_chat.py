@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from llmcore.apps.chat import (CHAT_TOKENS, END, ROLE_TOKENS, chat_batch, chat_prompt,
+from book.workers.chat import (CHAT_TOKENS, END, ROLE_TOKENS, chat_batch, chat_prompt,
                                chat_targets, format_dialogue, parse_dialogue,
                                truncate_dialogue)
 from llmcore.models.gpt import GPT, GPTConfig

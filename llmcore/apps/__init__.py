@@ -1,2 +1,2 @@
-"""Applications of the pretrained models (chapters 22-25): classification and
-fine-tuning, LoRA, dialogue, beam search."""
+"""Applications of the pretrained models (chapters 22-25): classification
+fine-tuning and LoRA."""

@@ -27,7 +27,7 @@ def check_turns(turns: Sequence[Turn], tokenizer) -> None:
     missing = [t for t in CHAT_TOKENS if t not in tokenizer.special_tokens]
     if missing:
         raise ValueError(f"tokenizer lacks the chat tokens {missing}; build it with "
-                         "special_tokens=llmcore.apps.chat.CHAT_TOKENS")
+                         "special_tokens=book.workers.chat.CHAT_TOKENS")
     if len(turns) == 0:
         raise ValueError("turns is empty: a dialogue needs at least one turn")
     for i, turn in enumerate(turns):
