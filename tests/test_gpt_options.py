@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from references import rope_reference
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.nn.positional import rope_reference
 
 BASE = dict(vocab_size=40, block_size=16, n_layer=2, n_head=2, n_embd=24)
 OPTIONS = [dict(), dict(pos="rope"), dict(norm="rmsnorm"), dict(qk_norm=True),

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from references import rope_reference
 
 from llmcore.nn import (FeedForward, LayerNorm, LearnedPositionalEmbedding, RMSNorm,
                         RotaryEmbedding, SinusoidalPositionalEncoding, sinusoidal_table)
-from llmcore.nn.positional import rope_reference
 
 
 @pytest.mark.parametrize("shape", [16, (4, 16)])

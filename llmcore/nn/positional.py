@@ -92,16 +92,3 @@ class RotaryEmbedding(nn.Module):
         cos = self.cos[offset:offset + t].to(x.dtype)  # (T, hs)
         sin = self.sin[offset:offset + t].to(x.dtype)
         return x * cos + rotate_half(x) * sin
-
-
-def rope_reference(x: Tensor, positions: Tensor, base: float = 10000.0) -> Tensor:
-    """RoPE through complex numbers, z_i = x[i] + j x[i + hs/2], z_i *= e^(j p theta_i).
-
-    A float64 reference for tests and the chapter; slow and clear.
-    """
-    half = x.shape[-1] // 2
-    z = torch.complex(x[..., :half].double(), x[..., half:].double())
-    theta = base ** (-torch.arange(half, dtype=torch.float64) * 2 / x.shape[-1])
-    z = z * torch.polar(torch.ones_like(theta), positions.double()[:, None] * theta)
-    return torch.cat([z.real, z.imag], dim=-1)
-

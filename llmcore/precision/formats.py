@@ -188,13 +188,6 @@ def all_values(fmt) -> torch.Tensor:
     return decode(torch.arange(2 ** fmt.bits), fmt)
 
 
-def to_bits(x: torch.Tensor) -> torch.Tensor:
-    """The bit patterns (int64, non-negative) of a torch tensor in its own dtype."""
-    fmt = get_format(x.dtype)
-    as_int = {8: torch.uint8, 16: torch.int16, 32: torch.int32}[fmt.bits]
-    return x.view(as_int).long() & (2 ** fmt.bits - 1)
-
-
 def from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A tensor of ``dtype`` holding the bit patterns ``bits``."""
     fmt = get_format(dtype)
