@@ -116,7 +116,7 @@ def beam_search(model: EncoderDecoder, src: Tensor, bos_id: int, eos_id: int,
             break
         sel = torch.tensor(keep_beam, device=dev)
         for c in caches:  # each surviving beam continues from its parent's keys/values
-            c.k, c.v = c.k[sel], c.v[sel]
+            c.reorder(sel)
         seqs = torch.cat([seqs[sel], torch.tensor(keep_tok, device=dev)[:, None]], 1)
         scores = torch.tensor(keep_score, device=dev).view(B, K)
     for b in range(B):  # out of steps: unfinished beams compete as they are

@@ -8,7 +8,7 @@ Two layouts, one class:
 
 - **growing** (``KVCache()``): ``update`` appends with ``torch.cat``, so the tensors
   have a new shape every token. Simple; what beam search reorders with
-  ``c.k, c.v = c.k[sel], c.v[sel]``.
+  :meth:`KVCache.reorder`.
 - **static** (``KVCache(max_len)``): two (B, nh, max_len, hs) buffers allocated once,
   at the first update, and written in place at the current position (``index_copy_``
   with a position tensor on the device). With ``fixed_shapes=True`` attention reads
