@@ -6,7 +6,8 @@ from torch import nn
 
 from llmcore.apps.finetune import (SequenceClassifier, classification_loss,
                                    freeze_backbone, hidden_states, pool, predict)
-from llmcore.apps.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from llmcore.accounting import count_params
+from llmcore.apps.lora import LoRALinear, apply_lora, merge_lora
 from llmcore.models.bert import BERT, BertConfig
 from llmcore.models.gpt import GPT, GPTConfig
 
@@ -73,7 +74,7 @@ def test_head_starts_uniform_and_loss_trains():
 
 def test_linear_probe_trains_only_the_head():
     clf = freeze_backbone(SequenceClassifier(tiny_gpt(), 16, 4))
-    trainable, total = count_parameters(clf)
+    trainable, total = count_params(clf, trainable_only=True), count_params(clf)
     assert trainable == 16 * 4 + 4 and total > trainable
     before = {k: v.clone() for k, v in clf.backbone.state_dict().items()}
     opt = torch.optim.SGD([p for p in clf.parameters() if p.requires_grad], lr=0.1)
@@ -93,7 +94,8 @@ def test_lora_linear_starts_as_the_base_and_has_the_right_parameters():
     assert lora.scaling == 2.0 and torch.all(lora.lora_B == 0)
     assert lora.lora_A.shape == (3, 12) and lora.lora_B.shape == (7, 3)
     assert not base.weight.requires_grad and not base.bias.requires_grad
-    assert count_parameters(lora) == (3 * (12 + 7), 3 * 19 + 12 * 7 + 7)
+    assert count_params(lora, trainable_only=True) == 3 * (12 + 7)
+    assert count_params(lora) == 3 * 19 + 12 * 7 + 7
 
 
 def test_lora_forward_equals_the_dense_update_in_float64():
@@ -122,7 +124,8 @@ def test_apply_lora_targets_freezes_and_merges_to_the_same_outputs():
     assert trainable == {f"{n}.lora_{x}" for n in wrapped for x in "AB"} | {
         "head.weight", "head.bias"}
     # rank 2: (16 + 3 * 16) for the fused q/k/v projection, (16 + 16) for out_proj
-    assert count_parameters(clf)[0] == 2 * 2 * (16 + 48 + 16 + 16) + 16 * 2 + 2
+    assert count_params(clf, trainable_only=True) == (2 * 2 * (16 + 48 + 16 + 16)
+                                                      + 16 * 2 + 2)
     # train a little so that B is not zero, then merge
     nn.init.normal_(clf.head.weight)
     opt = torch.optim.Adam([p for p in clf.parameters() if p.requires_grad], lr=1e-2)

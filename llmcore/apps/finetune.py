@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmcore.apps.lora import LoRALinear, apply_lora, count_parameters, merge_lora
+from llmcore.apps.lora import LoRALinear, apply_lora, merge_lora
 from llmcore.data.collate import collate
 from llmcore.models.gpt import GPT
 from llmcore.tokenizer import BPETokenizer
@@ -233,6 +233,6 @@ def predict(model: nn.Module, batches: Iterable[dict]) -> tuple[Tensor, Tensor]:
 
 
 __all__ = ["LoRALinear", "POOLINGS", "SequenceClassifier", "apply_lora",
-           "classification_loss", "count_parameters", "fixed_split", "freeze_backbone",
+           "classification_loss", "fixed_split", "freeze_backbone",
            "hidden_states", "merge_lora", "pool", "predict", "text_classification_data",
            "TextClassificationData"]

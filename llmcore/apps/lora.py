@@ -17,7 +17,6 @@ Public API::
     LoRALinear(base, rank, alpha, dropout=0.0)     # wraps an nn.Linear
     apply_lora(model, rank, alpha, target_modules, dropout=0.0, keep_trainable=())
     merge_lora(model) -> model                      # LoRALinear -> plain nn.Linear
-    count_parameters(model) -> (trainable, total)
 """
 
 from __future__ import annotations
@@ -141,10 +140,3 @@ def merge_lora(model: nn.Module) -> nn.Module:
     swap_modules(model, lambda m, name: name in names,
                  lambda lora: lora.merged().requires_grad_(False))
     return model
-
-
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """``(trainable, total)`` parameter counts, each shared tensor counted once."""
-    params = list(model.parameters())  # de-duplicated by nn.Module
-    return (sum(p.numel() for p in params if p.requires_grad),
-            sum(p.numel() for p in params))
