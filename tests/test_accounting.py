@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from book.workers import memory as mem
 from llmcore import accounting as acc
 from llmcore.models.gpt import GPT, GPTConfig
 
@@ -26,11 +27,11 @@ class NativeGPT(nn.Module):
 
 def test_gpt_param_count_matches_a_real_module():
     model = NativeGPT(3, 64, 100, 32)
-    assert acc.count_params(model) == acc.gpt_param_count(3, 64, 100, 32)
+    assert acc.count_params(model) == mem.gpt_param_count(3, 64, 100, 32)
     # GPT-2 small: 124M with a tied head (the paper's and nanoGPT's figure).
-    assert round(acc.gpt_param_count(12, 768, 50257, 1024) / 1e6) == 124
+    assert round(mem.gpt_param_count(12, 768, 50257, 1024) / 1e6) == 124
     with pytest.raises(ValueError, match="n_embd must be a positive int"):
-        acc.gpt_param_count(2, 0, 10, 10)
+        mem.gpt_param_count(2, 0, 10, 10)
 
 
 def test_adamw_state_is_eight_bytes_per_parameter_in_fp32():
@@ -43,8 +44,8 @@ def test_adamw_state_is_eight_bytes_per_parameter_in_fp32():
     model.head(model.norm(h)).sum().backward()
     opt.step()
     n = acc.count_params(model)
-    measured = acc.measure_training_state(model, opt)
-    predicted = acc.training_bytes(n, "fp32 + AdamW")
+    measured = mem.measure_training_state(model, opt)
+    predicted = mem.training_bytes(n, "fp32 + AdamW")
     assert measured["weights"] == predicted["weights"] == 4 * n
     assert measured["grads"] == predicted["grads"] == 4 * n
     assert measured["optimizer"] == predicted["optimizer"] == 8 * n
@@ -52,13 +53,13 @@ def test_adamw_state_is_eight_bytes_per_parameter_in_fp32():
 
 
 def test_recipes_and_formats():
-    assert acc.training_bytes(10, "mixed bf16 + AdamW")["total"] == 160
-    assert acc.bytes_per_element("int4") == 0.5
+    assert mem.training_bytes(10, "mixed bf16 + AdamW")["total"] == 160
+    assert mem.bytes_per_element("int4") == 0.5
     with pytest.raises(ValueError, match="fmt='fp12'"):
-        acc.bytes_per_element("fp12")
+        mem.bytes_per_element("fp12")
     with pytest.raises(ValueError, match="recipe='adam'"):
-        acc.training_bytes(1, "adam")
-    assert acc.human_bytes(1536) == "1.5 KiB" and acc.human_bytes(12) == "12 B"
+        mem.training_bytes(1, "adam")
+    assert mem.human_bytes(1536) == "1.5 KiB" and mem.human_bytes(12) == "12 B"
 
 
 def test_gpt_param_count_without_biases_matches_llmcore_gpt():
@@ -67,7 +68,8 @@ def test_gpt_param_count_without_biases_matches_llmcore_gpt():
     for bias in (True, False):
         cfg = GPTConfig(vocab_size=77, block_size=19, n_layer=2, n_head=2, n_embd=24,
                         bias=bias)
-        assert acc.count_params(GPT(cfg)) == acc.gpt_param_count(2, 24, 77, 19, bias=bias)
+        assert acc.count_params(GPT(cfg)) == mem.gpt_param_count(2, 24, 77, 19,
+                                                                 bias=bias)
 
 
 def test_flops_per_token_by_hand():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmcore.accounting import measure_training_state
+from book.workers.memory import measure_training_state
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.precision.adam8bit import (AdamW8bit, dequantize_blockwise, dynamic_map,
                                         quantize_blockwise)

@@ -5,7 +5,7 @@ import pytest
 from book.workers.activations import activation_bytes
 from book.workers.costmodel import (Plan, bubble_fraction, estimate,
                                     memory_per_rank, pp_payload)
-from llmcore.accounting import zero_state_bytes
+from book.workers.memory import zero_state_bytes
 from llmcore.models.gpt import GPTConfig
 
 

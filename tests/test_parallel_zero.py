@@ -15,8 +15,8 @@ from book.workers.common import (
     units_of,
 )
 from book.workers.costmodel import zero_payload
+from book.workers.memory import zero_bytes_per_param, zero_state_bytes
 from book.workers.zero import fsdp_worker, zero_worker
-from llmcore.accounting import zero_bytes_per_param, zero_state_bytes
 from llmcore.config import override
 from llmcore.parallel import launch
 from llmcore.parallel.comm import Comm

@@ -12,6 +12,8 @@ imports this package; the chapters, labs, benchmarks and tests do.
 * :mod:`.pipeline`: pipeline schedules and data x pipeline (chapters 17 and 19);
 * :mod:`.context`: ring attention, context parallelism (chapter 16);
 * :mod:`.timeline`: measured timelines of bucketed data parallelism and 1F1B, plots;
+* :mod:`.memory`: bytes per parameter of training recipes, ZeRO's per rank, and the
+  closed-form parameter count of a GPT (chapters 2, 11, 14, 15);
 * :mod:`.activations`: activation memory per block, counted and measured;
 * :mod:`.costmodel`, :mod:`.steptime`: what a parallel plan costs in memory and
   bytes, and how long its step takes (chapters 14-19).

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from book.workers.activations import activation_bytes
-from llmcore.accounting import gpt_param_count, zero_state_bytes
+from book.workers.memory import gpt_param_count, zero_state_bytes
 from llmcore.config import check_fields
 from llmcore.parallel.comm import wire_bytes
 

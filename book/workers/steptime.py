@@ -26,7 +26,8 @@ import math
 from dataclasses import dataclass, field
 
 from book.workers.costmodel import Plan, bubble_fraction, tp_payload, zero_payload
-from llmcore.accounting import flops_per_token, gpt_param_count
+from book.workers.memory import gpt_param_count
+from llmcore.accounting import flops_per_token
 from llmcore.config import check_fields
 from llmcore.parallel.comm import wire_bytes
 

@@ -40,7 +40,8 @@ import sys
 from pathlib import Path
 
 from book.workers.activations import block_activation_bytes
-from llmcore.accounting import flops_per_token, gpt_param_count
+from book.workers.memory import gpt_param_count
+from llmcore.accounting import flops_per_token
 from llmcore.config import GPU_BUDGET_GB
 from llmcore.models.gpt import GPTConfig
 from llmcore.runtime import DEVICE_CLASSES, DeviceCaps, DeviceClass, fit_memory
