@@ -74,12 +74,13 @@ class DryRun:
             if precision not in self.dc.peak_tflops:
                 self.failures.append(f"trains in {precision}, which a "
                                      f"{self.dc.name} has no tensor cores for")
-            for key in ("ckpt_path", "val_batch_fn", "resume", "start_from"):
+            for key in ("ckpt_path", "val_batch_fn", "resume", "start_from",
+                        "stop_at"):
                 kwargs.pop(key, None)
             # compilation is not what a dry run checks (and needs real tensors)
-            history = real(model, batch_fn, override(cfg, progress=False,
-                                                     compile=False), **kwargs,
-                           stop_at=1)
+            history = real(model, batch_fn, override(cfg, precision=precision,
+                                                     progress=False, compile=False),
+                           **kwargs, stop_at=1)
             self.calls.append((type(model).__name__, cfg.max_steps, precision))
             return history
         return dry_train
