@@ -72,8 +72,8 @@ def test_gpucheck_record_on_a_faked_gpu(tmp_path, monkeypatch):
     assert record["benchmarks"]["no_such_bench"] == {"status": "missing"}
     assert record["benchmarks"]["mfu"]["status"] == "passed"
     assert all(tier == "gpu" for _, _, tier in calls)
-    assert record["jobs"] == 5  # 80 GiB / 16 GiB per page
-    assert calls[1][0][calls[1][0].index("-n") + 1] == "5"
+    assert record["jobs"] == 8  # pages that train nothing: the most kernels, 8
+    assert calls[1][0][calls[1][0].index("-n") + 1] == "8"
     # Each stage's limit is a share of what is left of the 8-minute budget.
     unit, nbs, bench = (t for _, t, _ in calls)
     assert unit <= 90 and nbs <= 0.7 * 480 and bench <= 480

@@ -6,12 +6,12 @@ compute capability 8.9 or higher (FP8 tensor cores). It measures
 1. the TFLOP/s of ``M x K x N`` matmuls in bf16 and in FP8 through ``torch._scaled_mm``
    with tensorwise and rowwise scales (GEMM alone, operands already in FP8), and
    tensorwise including the casts, for square sizes and GPT-shaped GEMMs;
-2. a ~1.3B-parameter GPT trained end to end for 200 steps, bf16 autocast vs the same
-   model after ``convert_to_float8(model, size_filter())`` (every block linear; the
-   output layer stays bf16), compiled, on the bytes of the Shakespeare corpus with
-   the same seed and batches: tokens/s of each, and whether the FP8 loss curve ends
-   within 1% of bf16's (the mean of the last tenth of the steps). Sized for about
-   five minutes on an H100/H200-class GPU, compilation included.
+2. a ~1.3B-parameter GPT trained end to end for ``E2E_STEPS`` steps, bf16 autocast vs
+   the same model after ``convert_to_float8(model, size_filter())`` (every block
+   linear; the output layer stays bf16), compiled, on the bytes of the Shakespeare
+   corpus with the same seed and batches: tokens/s of each, and whether the FP8 loss
+   curve ends within 1% of bf16's (the mean of the last tenth of the steps). Sized
+   for about two minutes on an H100/H200-class GPU, compilation included.
 
 ``--dry-run`` runs the same code at toy sizes through the FP8 emulation on the CPU,
 to check the plumbing; its JSON says ``"dry_run": true``.
@@ -62,6 +62,7 @@ class E2EModel:
 # card (L4, RTX 4090) holds the 350M one (1.3B's fp32 weights and AdamW alone: 21 GB).
 GPU_MODELS = {19: (E2EModel("gpt-350M", 24, 16, 1024, 1024, 8),),
               60: (E2EModel("gpt-1.3B", 24, 16, 2048, 1024, 8),)}
+E2E_STEPS = 50  # per run: the two compilations take most of the time
 DRY_MODELS = (E2EModel("toy", 2, 2, 64, 32, 4, vocab_size=256),)
 LOSS_TOLERANCE = 0.01  # FP8's final loss within 1% of bf16's
 GPU_SIZES = [(n, n, n) for n in (512, 1024, 2048, 4096, 8192)] + [
@@ -79,7 +80,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="toy sizes through the emulation path; runs on the CPU")
     p.add_argument("--skip-e2e", action="store_true", help="only the matmul sweep")
     p.add_argument("--steps", type=int, default=None,
-                   help="training steps per e2e run (default 200 on GPU, 3 dry)")
+                   help=f"training steps per e2e run (default {E2E_STEPS} on GPU, 3 "
+                        "dry)")
     p.add_argument("--iters", type=int, default=None,
                    help="timed repetitions per matmul (default 50 on GPU, 2 dry)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -240,7 +242,7 @@ def main(argv: list[str]) -> int:
         sizes = GPU_SIZES
         caps = device_caps(device)
         models = fit_memory(GPU_MODELS, caps)
-        steps, iters = args.steps or 100, args.iters or 50
+        steps, iters = args.steps or E2E_STEPS, args.iters or 50
         compile_ = args.compile is not False
     out = args.out or f"results/fp8-{'dry-run' if args.dry_run else gpu_slug(gpu)}.json"
     payload = {

@@ -5,8 +5,8 @@ default, the length of a short GPU slot):
 
 1. the unit tests marked ``gpu`` (``pytest -m gpu``);
 2. every notebook of the book and the labs at ``LLMCORE_TIER=gpu`` under nbval, several
-   kernels at once sharing the GPU (``--jobs``: one per 16 GiB, the budget every
-   gpu-tier page is checked against, at most 8);
+   kernels at once sharing the GPU (``--jobs``: as many as its memory holds at the
+   largest page's planned peak, ``tools.bench.plan``, at most 8);
 3. the benchmarks (``python -m tools.bench NAME``), each writing its own JSON.
 
 It writes ``results/gpu-check-<gpu>.json``: per-notebook pass/fail and seconds, the
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 
 from llmcore.config import GPU_BUDGET_GB
-from llmcore.runtime import device_caps
+from llmcore.runtime import device_caps, device_class
+from tools.bench import plan
 from tools.bench.results import results_dir, slug
 from tools.notebooks import find_root, notebooks
 
@@ -132,10 +133,14 @@ def main(argv: list[str]) -> int:
     out_dir = results_dir(root)
     out_dir.mkdir(exist_ok=True)
     deadline = time.perf_counter() + args.budget
-    # Every gpu-tier page fits GPU_BUDGET_GB (tests/test_gpu_budget.py), so this many
-    # kernels can share the GPU without running out of memory.
+    # Every gpu-tier page plans at most GPU_BUDGET_GB (tests/test_gpu_plan.py): as
+    # many kernels share the GPU as its memory holds at the largest page's planned
+    # peak (plan.kernels); a GPU of no planned class, one per GPU_BUDGET_GB.
     caps = device_caps("cuda")
-    args.jobs = args.jobs or max(1, min(8, int(caps.memory_gb // GPU_BUDGET_GB)))
+    dc = device_class(caps)
+    if args.jobs is None:
+        args.jobs = (plan.kernels(dc, plan.notebook_plans(dc, root)[0]) if dc else
+                     max(1, min(8, int(caps.memory_gb // GPU_BUDGET_GB))))
     env = dict(os.environ, LLMCORE_TIER="gpu", PYTHONUNBUFFERED="1",
                OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 2) // args.jobs)))
     record = environment(args.commit)

@@ -157,8 +157,30 @@ def notebook_plans(dc: DeviceClass, root: Path) -> tuple[list[dict], dict]:
                if err.startswith(("ImportError", "ModuleNotFoundError"))]
         if bad:
             broken[rel] = bad
+        if "speed.ladder(" in path.read_text(encoding="utf-8"):
+            # a page that measures the speed ladder live runs its uncompiled rungs,
+            # at speed.page_preset's size
+            from tools.bench import speed
+            found += [w for w in ladder_workloads(speed.page_preset(), dc)
+                      if not w.compile]
         out.append(entry(rel, found, dc))
     return out, broken
+
+
+def gpt(source, cfg, batch, steps, precision, fused=True, compiled=False) -> Workload:
+    """A GPT of ``cfg`` trained ``steps`` steps of ``batch`` sequences."""
+    return Workload(source, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size,
+                    cfg.block_size, batch, steps, None, precision, fused, compiled)
+
+
+def ladder_workloads(p, dc: DeviceClass) -> list[Workload]:
+    """The speed ladder's rungs at preset ``p`` that ``dc`` can run."""
+    from tools.bench import speed
+
+    has = {"tf32": dc.capability >= (8, 0), "fp8": dc.capability >= (8, 9)}
+    return [gpt(f"speed:{r.name}", p.model, p.batch_size, p.warmup + p.steps,
+                r.precision, r.sdpa, r.compile) for r in speed.LADDER
+            if has.get("fp8" if r.fp8 else r.precision, True)]
 
 
 def benchmark_workloads(dc: DeviceClass) -> dict[str, list[Workload]]:
@@ -167,26 +189,18 @@ def benchmark_workloads(dc: DeviceClass) -> dict[str, list[Workload]]:
     and compilation), the MFU run, and the FP8 benchmark's bf16 and FP8 runs."""
     from tools.bench import fp8, mfu, speed
 
-    def gpt(source, cfg, batch, steps, precision, fused=True, compiled=False):
-        return Workload(source, cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size,
-                        cfg.block_size, batch, steps, None, precision, fused,
-                        compiled)
-
-    has = {"tf32": dc.capability >= (8, 0), "fp8": dc.capability >= (8, 9)}
-    p = chosen_option(speed.PRESETS.gpu, dc)
-    ladder = [gpt(f"speed:{r.name}", p.model, p.batch_size, p.warmup + p.steps,
-                  r.precision, r.sdpa, r.compile) for r in speed.LADDER
-              if has.get("fp8" if r.fp8 else r.precision, True)]
+    has = {"fp8": dc.capability >= (8, 9)}
     m = chosen_option(mfu.PRESETS.gpu, dc)
-    runs = {"tools.bench.speed": ladder,
+    runs = {"tools.bench.speed": ladder_workloads(chosen_option(speed.PRESETS.gpu, dc),
+                                                  dc),
             "tools.bench.mfu": [gpt("mfu", m.model, m.batch_size, m.steps + 3,
                                     "bf16")]}
     e2e = []
     for spec in chosen_option(fp8.GPU_MODELS, dc):
         cfg = GPTConfig(spec.vocab_size, spec.block_size, spec.n_layer, spec.n_head,
                         spec.n_embd)
-        e2e += [gpt(f"fp8:{spec.name} {kind}", cfg, spec.batch_size, 100, "bf16",
-                    compiled=True) for kind in ("bf16", "fp8")]
+        e2e += [gpt(f"fp8:{spec.name} {kind}", cfg, spec.batch_size, fp8.E2E_STEPS,
+                    "bf16", compiled=True) for kind in ("bf16", "fp8")]
     runs["tools.bench.fp8"] = e2e if has["fp8"] else []
     return runs
 
@@ -205,21 +219,29 @@ def benchmark_plans(dc: DeviceClass) -> list[dict]:
     return out
 
 
+def kernels(dc: DeviceClass, notebook_rows: list[dict]) -> int:
+    """Notebook kernels ``make test-gpu`` runs at once on ``dc``: as many as fit its
+    memory at the largest page's planned peak (no page may plan more than
+    ``GPU_BUDGET_GB``), at most 8."""
+    peak = max([r["peak_gib"] for r in notebook_rows] + [1.0])
+    return max(1, min(8, int(dc.usable_gib // min(peak, GPU_BUDGET_GB))))
+
+
 def check_wall(notebook_rows: list[dict], bench_rows: list[dict],
                dc: DeviceClass) -> dict:
     """``make test-gpu``'s planned wall time: the unit tests, the notebooks on one
     kernel per ``GPU_BUDGET_GB`` of memory (longest first, each to the kernel free
     soonest), then the benchmarks one after another."""
-    jobs = max(1, min(8, int(dc.usable_gib // GPU_BUDGET_GB)))
-    kernels = [0.0] * jobs
+    jobs = kernels(dc, notebook_rows)
+    kernels_ = [0.0] * jobs
     for m in sorted((r["minutes"] for r in notebook_rows), reverse=True):
-        kernels[kernels.index(min(kernels))] += m
+        kernels_[kernels_.index(min(kernels_))] += m
     unit = 1.5
     benches = sum(r["minutes"] for r in bench_rows
                   if r["path"] != "llmcore.train (CLI presets)")
-    return {"jobs": jobs, "unit_minutes": unit, "notebook_minutes": max(kernels),
+    return {"jobs": jobs, "unit_minutes": unit, "notebook_minutes": max(kernels_),
             "benchmark_minutes": round(benches, 2),
-            "check_minutes": round(unit + max(kernels) + benches, 2)}
+            "check_minutes": round(unit + max(kernels_) + benches, 2)}
 
 
 def plan(gpu: str, root: Path | None = None) -> dict:

@@ -228,9 +228,14 @@ def collect(ns: dict, names: list[str], source: str) -> list[Workload]:
         if (value := gpu_value(mine, role.upper())) is not None:
             context[role] = value
     found: list[Workload] = []
+    seen: set[int] = set()  # one object under two names is one workload
     for name in dict.fromkeys(names):
         obj = ns.get(name)
         where = f"{source}:{name}"
+        inner = obj.value if isinstance(obj, Imported) else obj
+        if id(inner) in seen:
+            continue
+        seen.add(id(inner))
         if isinstance(obj, Tiered):
             found += workloads(obj.gpu, where, context, None)
         elif isinstance(obj, Imported) and isinstance(obj.value, Tiered):

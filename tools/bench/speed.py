@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from llmcore.accounting import count_params, flops_per_token, measure_peak_flops, mfu
-from llmcore.config import Tiered
+from llmcore.config import GPU_BUDGET_GB, Tiered
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.precision.fp8 import convert_to_float8, size_filter
@@ -93,6 +93,12 @@ PRESETS = Tiered(
 def preset_for(rt) -> SpeedPreset:
     """The ladder's model and batch for this runtime's tier and memory."""
     return rt.pick(PRESETS) if rt.tier == "cpu" else rt.fit(PRESETS.gpu)
+
+
+def page_preset() -> SpeedPreset:
+    """The ladder a notebook page runs on a GPU: the largest option within a page's
+    ``GPU_BUDGET_GB`` (pages share the GPU in ``make test-gpu``), whatever its size."""
+    return PRESETS.gpu[max(k for k in PRESETS.gpu if k <= GPU_BUDGET_GB)]
 
 
 def cpu_model() -> str:
@@ -160,11 +166,16 @@ def peaks_of(device: torch.device) -> dict[str, float]:
     return {p: measure_peak_flops(device, p) for p in sorted(wanted)}
 
 
-def ladder(preset: SpeedPreset, device: torch.device,
-           peaks: dict[str, float]) -> list[dict]:
+def ladder(preset: SpeedPreset, device: torch.device, peaks: dict[str, float],
+           compiled: bool = True) -> list[dict]:
+    """Every rung of ``LADDER`` measured on ``device`` (a row saying why where one is
+    skipped); ``compiled=False`` leaves out the compiled rungs (their compilation
+    takes about a minute each on a GPU)."""
     rows = []
     for rung in LADDER:
         reason = skip_reason(rung, device)
+        if reason is None and rung.compile and not compiled:
+            reason = "compiled rungs: run `python -m tools.bench speed`"
         if reason is None:
             rows.append(measure(preset, rung, device,
                                 peaks[precision_of(rung, device)]))
