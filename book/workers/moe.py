@@ -105,17 +105,23 @@ def ep_worker(rank: int, world_size: int, cfg: GPTConfig, data, lr: float,
 
 
 def one_device(cfg: GPTConfig, data, lr: float, micro_batches: int, seed: int = 0,
-               device="cpu") -> dict:
+               device="cpu", threads: int = 1) -> dict:
     """The same training on one process: every batch in ``micro_batches`` parts (the
     ranks' slices, in rank order), their gradients accumulated into one update; on
-    ``device`` (the ranks' kind, so that both round alike)."""
-    torch.manual_seed(seed)
-    model = GPT(cfg).to(device)
-    loads = []
-    history = train(model, replay(data, accumulate=micro_batches),
-                    plain_config(len(data[0]), grad_accum=micro_batches),
-                    optimizer=torch.optim.SGD(model.parameters(), lr=lr),
-                    on_step=lambda *_: loads.append(end_moe_step(model).cpu()))
+    ``device`` with ``threads`` CPU threads (the ranks' kind and count, so that both
+    round alike and a near tie between two experts is broken alike)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(seed)
+        model = GPT(cfg).to(device)
+        loads = []
+        history = train(model, replay(data, accumulate=micro_batches),
+                        plain_config(len(data[0]), grad_accum=micro_batches),
+                        optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                        on_step=lambda *_: loads.append(end_moe_step(model).cpu()))
+    finally:
+        torch.set_num_threads(before)
     return {"losses": history.loss, "state": whole_names(model),
             "loads": torch.stack(loads)}
 
