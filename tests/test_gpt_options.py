@@ -57,7 +57,8 @@ def reference_logits(m: GPT, idx: torch.Tensor) -> torch.Tensor:
         if c.qk_norm:
             q, k = norm(q, f"{b}.self_attn.q_norm"), norm(k, f"{b}.self_attn.k_norm")
         if c.pos == "rope":
-            q, k = rope_reference(q, torch.arange(t)), rope_reference(k, torch.arange(t))
+            pos = torch.arange(t)
+            q, k = rope_reference(q, pos), rope_reference(k, pos)
         scores = q @ k.transpose(-2, -1) / math.sqrt(hs)
         scores = scores.masked_fill(~torch.ones(t, t).tril().bool(), float("-inf"))
         att = torch.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
