@@ -17,11 +17,11 @@ TINY = speed.SpeedPreset(GPTConfig(65, 16, 1, 2, 32), batch_size=2, steps=2, war
 def test_rungs_a_cpu_cannot_run_are_skipped_with_a_reason():
     cpu = torch.device("cpu")
     names = {r.name: speed.skip_reason(r, cpu) for r in speed.LADDER}
-    assert "sm80" in names["tf32"] and "sm89" in names["fp8"]
+    assert "sm80" in names["tf32"]
     assert names["fp32"] is None and names["compile"] is None
-    # each rung adds one thing to the one before
+    # each rung adds one thing to the one before (FP8: tools.bench fp8)
     assert [r.name for r in speed.LADDER] == ["fp32", "tf32", "16-bit", "fused kernels",
-                                              "compile", "fp8"]
+                                              "compile"]
 
 
 def test_sixteen_bit_rungs_use_the_devices_format(monkeypatch):

@@ -177,10 +177,9 @@ def ladder_workloads(p, dc: DeviceClass) -> list[Workload]:
     """The speed ladder's rungs at preset ``p`` that ``dc`` can run."""
     from tools.bench import speed
 
-    has = {"tf32": dc.capability >= (8, 0), "fp8": dc.capability >= (8, 9)}
     return [gpt(f"speed:{r.name}", p.model, p.batch_size, p.warmup + p.steps,
                 r.precision, r.sdpa, r.compile) for r in speed.LADDER
-            if has.get("fp8" if r.fp8 else r.precision, True)]
+            if r.precision != "tf32" or dc.capability >= (8, 0)]
 
 
 def benchmark_workloads(dc: DeviceClass) -> dict[str, list[Workload]]:

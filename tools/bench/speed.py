@@ -5,11 +5,12 @@ optimisations that gets there.
 the book's GPT through ``llmcore.train.train`` (the loop every chapter uses), one rung
 of the ladder at a time, each rung adding one thing to the one before: fp32 -> TF32
 matmuls -> 16-bit autocast (bf16, or fp16 with loss scaling on a T4) -> fused kernels
-(SDPA attention) -> ``torch.compile`` -> FP8 linears. A rung the device cannot run
-(TF32 and FP8 off NVIDIA GPUs) is recorded as skipped, with the reason. The peaks are measured first, a large matmul on the same
-device in each precision, and each rung's MFU is against the peak of its own (bf16
-against FP8 on a 1.3B GPT is ``python -m tools.bench fp8``). Results go to
-``results/speed-<device>.json`` with the hardware, the date and the torch version.
+(SDPA attention) -> ``torch.compile``. A rung the device cannot run (TF32 off NVIDIA
+GPUs) is recorded as skipped, with the reason. The peaks are measured first, a large
+matmul on the same device in each precision, and each rung's MFU is against the peak
+of its own. FP8 is measured where it pays, on a 1.3B GPT against bf16, by ``python -m
+tools.bench fp8``. Results go to ``results/speed-<device>.json`` with the hardware,
+the date and the torch version.
 
 ``--compare-nanogpt PATH`` runs nanoGPT and llmcore side by side on the same CPU
 model (:mod:`tools.bench.nanogpt`). ``--realtime`` (root or CAP_SYS_NICE) runs it
@@ -35,7 +36,6 @@ from llmcore.accounting import count_params, flops_per_token, measure_peak_flops
 from llmcore.config import GPU_BUDGET_GB, Tiered
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.precision.fp8 import convert_to_float8, size_filter
 from llmcore.runtime import device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
 from tools.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
@@ -52,13 +52,11 @@ class Rung:
     precision: str  # TrainConfig.precision; "half": the device's 16-bit format
     sdpa: bool  # PyTorch's fused attention kernel instead of the hand-written one
     compile: bool = False
-    fp8: bool = False  # the large linears in FP8 (llmcore.precision.fp8)
 
 
 LADDER = (Rung("fp32", "fp32", sdpa=False), Rung("tf32", "tf32", sdpa=False),
           Rung("16-bit", "half", sdpa=False), Rung("fused kernels", "half", sdpa=True),
-          Rung("compile", "half", sdpa=True, compile=True),
-          Rung("fp8", "half", sdpa=True, compile=True, fp8=True))
+          Rung("compile", "half", sdpa=True, compile=True))
 
 
 def precision_of(rung: Rung, device: torch.device) -> str:
@@ -119,8 +117,6 @@ def skip_reason(rung: Rung, device: torch.device) -> str | None:
     caps = device_caps(device)
     if rung.precision == "tf32" and not caps.bf16_tensor_cores:
         return "TF32 matmuls need an NVIDIA GPU of sm80 or later"
-    if rung.fp8 and not caps.fp8_tensor_cores:
-        return "FP8 matmuls need an NVIDIA GPU of sm89 or later (elsewhere: emulated)"
     return None
 
 
@@ -133,8 +129,6 @@ def measure(preset: SpeedPreset, rung: Rung, device: torch.device,
     """
     torch.manual_seed(0)
     model = GPT(replace(preset.model, use_sdpa=rung.sdpa)).to(device)
-    if rung.fp8:
-        convert_to_float8(model, size_filter(), quiet=True)
     c, b = model.config, preset.batch_size
 
     def batch_fn(step, generator):
