@@ -135,7 +135,7 @@ def chosen(rows: list[Workload], dc: DeviceClass) -> list[Workload]:
 
 def entry(name: str, rows: list[Workload], dc: DeviceClass) -> dict:
     """The plan of one notebook or benchmark on ``dc``."""
-    runs = list(dict.fromkeys(chosen(rows, dc)))  # a preset picked twice runs once
+    runs = chosen(rows, dc)  # one per model trained (collect counts an object once)
     precisions = sorted({precision_of(w, dc) for w in runs if w.steps}) or [
         dc.precision]
     over = [f"{w.source}: {peak_gib(w, dc):.1f} GiB > {w.budget_gb or dc.usable_gib}"

@@ -128,8 +128,7 @@ def workloads(obj, source: str, context: dict, budget: float | None,
     for value in f.values():
         if fields_of(value) is not None or isinstance(value, (list, tuple)):
             inner = {**own, "flags": {**context.get("flags", {}), **flags(f)}}
-            found += [w for w in workloads(value, source, inner, budget)
-                      if w not in found]
+            found += workloads(value, source, inner, budget)  # each a model
     return found
 
 
