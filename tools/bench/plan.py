@@ -188,7 +188,6 @@ def benchmark_workloads(dc: DeviceClass) -> dict[str, list[Workload]]:
     and compilation), the MFU run, and the FP8 benchmark's bf16 and FP8 runs."""
     from tools.bench import fp8, mfu, speed
 
-    has = {"fp8": dc.capability >= (8, 9)}
     m = chosen_option(mfu.PRESETS.gpu, dc)
     runs = {"tools.bench.speed": ladder_workloads(chosen_option(speed.PRESETS.gpu, dc),
                                                   dc),
@@ -200,7 +199,7 @@ def benchmark_workloads(dc: DeviceClass) -> dict[str, list[Workload]]:
                         spec.n_embd)
         e2e += [gpt(f"fp8:{spec.name} {kind}", cfg, spec.batch_size, fp8.E2E_STEPS,
                     "bf16", compiled=True) for kind in ("bf16", "fp8")]
-    runs["tools.bench.fp8"] = e2e if has["fp8"] else []
+    runs["tools.bench.fp8"] = e2e if dc.capability >= (8, 9) else []
     return runs
 
 
@@ -228,19 +227,19 @@ def kernels(dc: DeviceClass, notebook_rows: list[dict]) -> int:
 
 def check_wall(notebook_rows: list[dict], bench_rows: list[dict],
                dc: DeviceClass) -> dict:
-    """``make test-gpu``'s planned wall time: the unit tests, the notebooks on one
-    kernel per ``GPU_BUDGET_GB`` of memory (longest first, each to the kernel free
-    soonest), then the benchmarks one after another."""
+    """``make test-gpu``'s planned wall time: the unit tests, the notebooks on
+    ``kernels`` kernels (longest first, each to the kernel free soonest), then the
+    benchmarks one after another."""
     jobs = kernels(dc, notebook_rows)
-    kernels_ = [0.0] * jobs
+    busy = [0.0] * jobs  # minutes of notebooks on each kernel
     for m in sorted((r["minutes"] for r in notebook_rows), reverse=True):
-        kernels_[kernels_.index(min(kernels_))] += m
+        busy[busy.index(min(busy))] += m
     unit = 1.5
     benches = sum(r["minutes"] for r in bench_rows
                   if r["path"] != "llmcore.train (CLI presets)")
-    return {"jobs": jobs, "unit_minutes": unit, "notebook_minutes": max(kernels_),
+    return {"jobs": jobs, "unit_minutes": unit, "notebook_minutes": max(busy),
             "benchmark_minutes": round(benches, 2),
-            "check_minutes": round(unit + max(kernels_) + benches, 2)}
+            "check_minutes": round(unit + max(busy) + benches, 2)}
 
 
 def plan(gpu: str, root: Path | None = None) -> dict:
