@@ -32,8 +32,8 @@ import matplotlib
 import pytest
 import torch
 
+import book.workers.launch as launch_module
 import llmcore
-import llmcore.parallel
 import llmcore.runtime as runtime
 import llmcore.train.loop as loop_module
 import llmcore.train.run as run_module
@@ -97,10 +97,8 @@ class DryRun:
 
         def no_launch(*args, **kwargs):
             raise Skip("processes are launched at the cpu tier in other tests")
-        # the package's name `launch` is the function: the module is in sys.modules
-        for module in (llmcore.parallel, sys.modules["llmcore.parallel.launch"]):
-            monkeypatch.setattr(module, "launch", no_launch)
-            monkeypatch.setattr(module, "launch_source", no_launch, raising=False)
+        monkeypatch.setattr(launch_module, "launch", no_launch)
+        monkeypatch.setattr(launch_module, "launch_source", no_launch)
         monkeypatch.setattr(subprocess, "run", no_launch)
         monkeypatch.setenv("LLMCORE_TIER", "gpu")
         yield self

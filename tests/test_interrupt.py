@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import llmcore.train.sharded as sharded
-from llmcore.parallel.launch import free_port
+from book.workers.launch import free_port
 from llmcore.train import read_checkpoint, train
 from llmcore.train.loop import TrainConfig
 from llmcore.train.outdir import LOCK

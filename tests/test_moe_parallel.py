@@ -12,7 +12,7 @@ from book.workers.common import max_abs_diff
 from book.workers.moe import ep_worker, one_device
 from llmcore.models.gpt import GPTConfig
 from llmcore.nn.moe import MoE, MoEConfig, capacity
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from llmcore.parallel.comm import Comm, wire_bytes
 from llmcore.parallel.expert_parallel import ExpertParallelMoE, ep_payload
 

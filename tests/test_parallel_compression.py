@@ -9,7 +9,7 @@ from parallel_fixtures import TinyLM, random_batches
 
 from book.workers.common import max_abs_diff, train_single
 from book.workers.data import train_worker
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from llmcore.parallel.compression import make_hook, orthogonalize
 from llmcore.parallel.quantized_comm import quantized_payload
 

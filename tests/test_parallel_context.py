@@ -14,7 +14,7 @@ from book.workers.context import block_check, ring_check, ring_saved_bytes, ring
 from llmcore.models.gpt import GPTConfig
 from llmcore.nn.attention import MultiHeadAttention
 from llmcore.nn.positional import RotaryEmbedding
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.context_parallel import (LAYOUTS, ContextParallel,
                                                ContextParallelAttention, chunk_ids,

@@ -10,7 +10,8 @@ from book.workers.common import max_abs_diff, solution_code, train_single
 from book.workers.costmodel import dp_payload
 from book.workers.data import dropout_masks, train_worker
 from book.workers.timeline import dp_timeline_worker, overlap
-from llmcore.parallel import BucketedDataParallel, launch
+from book.workers.launch import launch
+from llmcore.parallel import BucketedDataParallel
 from llmcore.parallel.data_parallel import make_buckets
 
 MODEL = functools.partial(TinyLM, vocab_size=32, n_embd=16, hidden=32)

@@ -12,7 +12,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import dcp, launch
+from book.workers.launch import launch
+from llmcore.parallel import dcp
 from llmcore.parallel.native import parallelize_gpt
 from llmcore.train.step import clip_grad_norm
 

@@ -6,15 +6,17 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from llmcore.parallel import WorkerError, launch
-from llmcore.parallel.launch import default_backend, rank_device
+from book.workers.launch import WorkerError, launch
+from llmcore.parallel.ranks import default_backend, rank_device
 
 pytestmark = pytest.mark.distributed
+ROOT = Path(__file__).resolve().parent.parent  # where `book.workers` imports from
 
 
 def sum_of_ranks(rank, world_size, scale):
@@ -117,7 +119,7 @@ def test_ranks_under_gloo_work_on_the_cpu_and_results_come_back_there():
 
 # ------------------------------------------------- never hang, never hide the error
 
-LAUNCH = importlib.import_module("llmcore.parallel.launch")
+LAUNCH = importlib.import_module("book.workers.launch")
 
 
 def one_rank_loops_forever(rank, world_size, pid_file):
@@ -172,14 +174,15 @@ def test_script_without_main_guard_gets_the_real_error(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent("""
         import operator
-        from llmcore.parallel import WorkerError, launch
+        from book.workers.launch import WorkerError, launch
         try:
             print(launch(operator.add, 2, backend="gloo", wall_timeout=60))
         except WorkerError as err:
             print("ERROR:", err)
     """))
     out = subprocess.run([sys.executable, str(script)], capture_output=True,
-                         text=True, timeout=120, cwd=tmp_path)
+                         text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "ERROR: rank" in out.stdout
     assert 'if __name__ == "__main__":' in out.stdout
     assert "bootstrapping phase" in out.stdout  # what the rank itself printed

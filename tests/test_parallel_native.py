@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import launch, native
+from book.workers.launch import launch
+from llmcore.parallel import native
 from llmcore.parallel.native import (full_state, init_distributed, parallelize_gpt,
                                      pick_device)
 from book.workers.common import plain_config

@@ -17,7 +17,8 @@ from book.workers.costmodel import bubble_fraction, in_flight_bound, pp_payload
 from book.workers.pipeline import (dp_pp_worker, pipeline_worker, schedule_sweep,
                                    timed_sweep)
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import launch, pipeline
+from book.workers.launch import launch
+from llmcore.parallel import pipeline
 from llmcore.parallel.comm import CommStats
 from llmcore.parallel.schedules import (SCHEDULES, bubble, in_flight, make_plan,
                                         simulate, with_comms)

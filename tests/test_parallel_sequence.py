@@ -15,7 +15,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInp
 from book.workers.activations import activation_bytes, saved_bytes
 from book.workers.costmodel import tp_payload
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from llmcore.parallel.comm import wire_bytes
 from llmcore.parallel.native import unfuse_qkv
 from llmcore.parallel.sequence_parallel import SequenceParallelBlock

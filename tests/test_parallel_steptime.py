@@ -12,7 +12,7 @@ from book.workers.steptime import (Cluster, Device, Link, ring_steps,
                                    scaling_efficiency, step_time)
 from llmcore.accounting import flops_per_token
 from llmcore.models.gpt import GPTConfig
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from tools.bench import calibrate
 from tools.bench.calibrate import (fit_compute, fit_link, median_times, run_queue_s,
                                    sweep_worker)

@@ -10,7 +10,7 @@ from torch import nn
 from book.workers.costmodel import tp_payload
 from book.workers.tensor import dtensor_worker, hybrid_worker
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.rng import RNGTracker, rank_seed, tp_region_seed
 from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,

@@ -18,7 +18,7 @@ from book.workers.costmodel import zero_payload
 from book.workers.memory import zero_bytes_per_param, zero_state_bytes
 from book.workers.zero import fsdp_worker, zero_worker
 from llmcore.config import override
-from llmcore.parallel import launch
+from book.workers.launch import launch
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.quantized_comm import (FORMATS, decode, encode,
                                              quantized_all_gather,

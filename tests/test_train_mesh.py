@@ -16,8 +16,8 @@ import llmcore.train.sharded as sharded
 from llmcore.config import override
 from llmcore.data import get_batch
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.parallel.launch import free_port
-from llmcore.parallel.launch import launch as spawn
+from book.workers.launch import free_port
+from book.workers.launch import launch as spawn
 from llmcore.parallel.native import DistInfo, full_state, parallelize_gpt
 from llmcore.runtime import setup
 from llmcore.train import TrainConfig, read_checkpoint, train

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from llmcore.parallel.launch import free_port
+from book.workers.launch import free_port
 from llmcore.train import read_checkpoint
 
 LAUNCHERS = {
@@ -76,7 +76,7 @@ def ddp_half_batches(rank, world_size):
 
 @pytest.mark.distributed
 def test_data_parallel_ranks_weigh_gradients_by_global_valid_tokens():
-    from llmcore.parallel.launch import launch
+    from book.workers.launch import launch
     from llmcore.train import TrainConfig, train
 
     states = launch(ddp_half_batches, 2, backend="gloo", threads=1)

@@ -167,8 +167,11 @@ def grade_one(name: str, notebook, lab: Path, lab_nb, time_limit: float,
     checks = {i: gradekernel.new_secret() for group in plan for i in group}
     root = Path(tempfile.mkdtemp(prefix="llmcore-grade-"))
     try:
-        keep = [Path(sys.prefix), Path(llmcore.__file__).parent, DATA_DIR]
+        # the package, its data, and the book's process runner (book/workers/launch.py)
+        keep = [Path(sys.prefix), Path(llmcore.__file__).parent, DATA_DIR,
+                ROOT / "book" / "workers"]
         box = sandbox.Box(root, ROOT, keep, [lab.parent, *hide])
+        box.env["PYTHONPATH"] = str(ROOT)  # `import book.workers` from the work folder
         errors, status = gradekernel.execute(nb, box, time_limit, checks)
     finally:
         shutil.rmtree(root, ignore_errors=True)

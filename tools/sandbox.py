@@ -4,8 +4,8 @@ On Linux, where ``unshare`` can make namespaces (as root, or through a user name
 for anyone else), the kernel starts in its own mount and PID namespaces:
 
 * the repository is replaced by a skeleton holding only what a kernel needs (the
-  package ``llmcore``, its ``data`` folder, the virtual environment if it lives
-  there), so the lab sources, their solutions, the tests and the git history are not
+  package ``llmcore``, its ``data`` folder, the book's folder for its process runner
+  in ``book/workers``, the virtual environment if it lives there), so the lab sources, their solutions, the tests and the git history are not
   there to read; the lab's folder, the submissions and the grades are hidden by an
   empty folder wherever they are;
 * every file system is read-only except the submission's own work folder and a

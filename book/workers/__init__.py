@@ -1,6 +1,6 @@
 """The experiments the parallel chapters run, on top of the algorithms.
 
-Workers (``fn(rank, world_size, ...)`` for :func:`llmcore.parallel.launch`), sweeps,
+Workers (``fn(rank, world_size, ...)`` for :func:`book.workers.launch.launch`), sweeps,
 reference trainers on one process, the demo model and data, timelines and plots.
 They live apart from the algorithms of ``llmcore.parallel``: the library never
 imports this package; the chapters, labs, benchmarks and tests do.

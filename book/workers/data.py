@@ -15,7 +15,7 @@ from book.workers.common import plain_config, replay, to_cpu
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.compression import make_hook
 from llmcore.parallel.data_parallel import BucketedDataParallel, NaiveDataParallel
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.parallel.rng import rank_seed
 from llmcore.train import train
 
@@ -55,7 +55,7 @@ def train_worker(rank: int, world_size: int, model_fn, kind: str, data,
     how far the hook's average lies from it. Returns the final weights, the loss of
     the whole batch per step, the payload bytes and messages the wrapper or hook
     sent, and seconds per step. Model and batches live on
-    :func:`~llmcore.parallel.launch.rank_device` (its GPU under NCCL). Each rank seeds
+    :func:`~llmcore.parallel.ranks.rank_device` (its GPU under NCCL). Each rank seeds
     its own generator (:func:`~llmcore.parallel.rng.rank_seed`): its dropout masks
     are its own, and its initial weights differ until the wrapper broadcasts rank 0's.
     """

@@ -16,7 +16,7 @@ from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.nn.moe import MoE, MoEConfig, end_moe_step
 from llmcore.tokenizer.char import CharTokenizer
 from llmcore.parallel.expert_parallel import ExpertDataParallel
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.train import TrainConfig, evaluate, train
 
 

@@ -15,7 +15,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from llmcore.models.gpt import GPT
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.parallel.native import full_state, parallelize_gpt
 
 ENGINES = ("ddp", "fsdp", "tp")

@@ -14,7 +14,7 @@ from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleG
 
 from llmcore.nn.loss import lm_loss
 from llmcore.parallel.comm import Comm
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.parallel.pipeline import (GPTStage, device_clock, run_pipeline,
                                        sync_tied_grads)
 from llmcore.parallel.split_backward import defer_weight_grads

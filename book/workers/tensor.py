@@ -20,7 +20,7 @@ from llmcore.config import override
 from llmcore.models.gpt import GPT
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.data_parallel import NaiveDataParallel
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.parallel.sequence_parallel import SequenceParallelBlock
 from llmcore.parallel.tensor_parallel import apply_tensor_parallel, full_tensors
 from llmcore.train import train

@@ -21,7 +21,7 @@ import torch
 
 from llmcore.parallel.comm import HookState, allreduce_hook
 from llmcore.parallel.data_parallel import BucketedDataParallel
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.parallel.rng import rank_seed
 
 

@@ -14,7 +14,7 @@ from torch.distributed.tensor import DTensor
 from book.workers.common import plain_config, replay, units_of
 from book.workers.data import global_losses
 from llmcore.parallel.comm import nbytes
-from llmcore.parallel.launch import rank_device
+from llmcore.parallel.ranks import rank_device
 from llmcore.parallel.rng import rank_seed
 from llmcore.parallel.zero import ZeroDataParallel
 from llmcore.train import train

@@ -10,7 +10,6 @@ experiments the chapters run on top of them (workers, sweeps, timelines) live in
 from llmcore.parallel.comm import Comm, CommStats, HookState, allreduce_hook
 from llmcore.parallel.context_parallel import ContextParallel, ContextParallelAttention
 from llmcore.parallel.data_parallel import BucketedDataParallel, NaiveDataParallel
-from llmcore.parallel.launch import WorkerError, launch
 from llmcore.parallel.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                               VocabParallelEmbedding,
                                               apply_tensor_parallel)
@@ -19,5 +18,5 @@ from llmcore.parallel.zero import ZeroDataParallel
 __all__ = ["BucketedDataParallel", "ColumnParallelLinear", "Comm", "CommStats",
            "ContextParallel", "ContextParallelAttention",
            "HookState", "NaiveDataParallel", "RowParallelLinear",
-           "VocabParallelEmbedding", "WorkerError", "ZeroDataParallel",
-           "allreduce_hook", "apply_tensor_parallel", "launch"]
+           "VocabParallelEmbedding", "ZeroDataParallel",
+           "allreduce_hook", "apply_tensor_parallel"]

@@ -35,8 +35,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
 
 from llmcore.nn import MultiHeadAttention
 from llmcore.parallel.recompute import apply_activation_checkpointing
-from llmcore.parallel.launch import (default_backend, gpu_count, rank_device,
-                                     torchrun_env)
+from llmcore.parallel.ranks import default_backend, gpu_count, rank_device, torchrun_env
 from llmcore.runtime import select_device
 
 @dataclass(frozen=True)
@@ -59,8 +58,8 @@ def local_world_size(world_size: int) -> int:
 
 def pick_device(local_rank: int, local_world: int) -> tuple[torch.device, str, str]:
     """(device, backend, note) for a rank of a node running ``local_world`` ranks:
-    :func:`~llmcore.parallel.launch.default_backend` and
-    :func:`~llmcore.parallel.launch.rank_device`, so its own GPU when every rank of
+    :func:`~llmcore.parallel.ranks.default_backend` and
+    :func:`~llmcore.parallel.ranks.rank_device`, so its own GPU when every rank of
     the node has one, else the CPU with gloo for all of them."""
     if not 0 <= local_rank < local_world:
         raise ValueError(f"local_rank={local_rank} must lie in [0, {local_world})")

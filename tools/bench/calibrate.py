@@ -1,7 +1,7 @@
 """Measure the constants of the step-time model on the machine it runs on.
 
 * :func:`sweep_worker` times each collective over a few message sizes (run it on
-  every rank with :func:`llmcore.parallel.launch`; :func:`sweep_steps` gives the
+  every rank with :func:`book.workers.launch.launch`; :func:`sweep_steps` gives the
   closures to time along with other work); :func:`fit_link` fits
   ``t = steps * alpha + wire_bytes / bandwidth`` to the points by least squares.
 * :func:`fit_compute` splits the time of a training step at several batch sizes into a

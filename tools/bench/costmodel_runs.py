@@ -25,7 +25,7 @@ from llmcore.config import check_fields
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.parallel.comm import Comm
 from llmcore.parallel.data_parallel import BucketedDataParallel
-from llmcore.parallel.launch import launch
+from book.workers.launch import launch
 from llmcore.parallel.pipeline import GPTStage, run_pipeline, sync_tied_grads
 from llmcore.parallel.tensor_parallel import apply_tensor_parallel
 from llmcore.parallel.zero import ZeroDataParallel

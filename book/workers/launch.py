@@ -17,9 +17,10 @@ Three rules keep it from ever hanging or failing in silence:
   ``launch`` without ``if __name__ == "__main__":``) shows what it printed.
 
 A notebook's function cannot be pickled into a spawned process, so ``fn`` must be
-importable (the book's workers live in ``book.workers``).
-:func:`default_backend` picks gloo or NCCL, :func:`rank_device` a rank's device.
-This module and ``llmcore.runtime`` are the only ones that read the environment.
+importable (the book's workers live in ``book.workers``). Which backend and device
+each rank uses comes from :mod:`llmcore.parallel.ranks`. The library itself never
+starts processes: a training script runs under ``torchrun``; this runner is how the
+book's notebooks, labs and tests start theirs.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from llmcore.parallel.supervise import WorkerError, collect, echo, start_logged, stop
+from book.workers.supervise import WorkerError, collect, echo, start_logged, stop
+from llmcore.parallel.ranks import default_backend, rank_device
 
 DEFAULT_WALL_TIMEOUT = 600.0  # seconds a whole launch() may take unless told otherwise
 
@@ -47,54 +49,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def gpu_count() -> int:
-    """CUDA devices this process sees (0 on a machine or a torch build without)."""
-    return torch.cuda.device_count()
-
-
-def default_backend(world_size: int, tier: str | None = None) -> str:
-    """``"nccl"``, one rank per GPU, when ``world_size`` GPUs are visible and
-    ``tier`` is ``"gpu"`` (None: whenever the GPUs suffice); else ``"gloo"``, every
-    rank a CPU process. Ranks must agree on one backend and two ranks must never
-    share a GPU, so with fewer GPUs than ranks all of them run on the CPU; on the
-    cpu tier they stay there beside GPUs, so the tier means the same everywhere."""
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if tier not in (None, "cpu", "gpu"):
-        raise ValueError(f"tier must be 'cpu', 'gpu' or None, got {tier!r}")
-    if tier != "cpu" and gpu_count() >= world_size:
-        return "nccl"
-    return "gloo"
-
-
-def rank_device(local_rank: int | None = None,
-                backend: str | None = None) -> torch.device:
-    """Where a rank keeps its tensors: ``cuda:local_rank`` under NCCL, the CPU under
-    gloo. Without arguments, this process's in its initialized group (LOCAL_RANK
-    under torchrun, else its rank: ``launch`` starts every rank on one machine)."""
-    if backend is None:
-        backend = dist.get_backend()
-    if local_rank is None:
-        env = torchrun_env()
-        local_rank = env[2] if env is not None else dist.get_rank()
-    if backend != "nccl":
-        return torch.device("cpu")
-    gpus = gpu_count()
-    if not 0 <= local_rank < gpus:
-        raise ValueError(f"local_rank={local_rank} has no GPU of its own under "
-                         f"backend='nccl': {gpus} GPU(s) visible; start at most one "
-                         "rank per GPU, or use backend='gloo' (CPU processes)")
-    return torch.device("cuda", local_rank)
-
-
-def torchrun_env() -> tuple[int, int, int] | None:
-    """(rank, world_size, local_rank) set by torchrun / accelerate, or None."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return None
-    return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-            int(os.environ.get("LOCAL_RANK", os.environ["RANK"])))
 
 
 def _worker(rank, world_size, port, backend, timeout, threads, payload, results):

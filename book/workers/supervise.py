@@ -1,4 +1,4 @@
-"""Watching the ranks that :func:`llmcore.parallel.launch.launch` started: collect
+"""Watching the ranks that :func:`book.workers.launch.launch` started: collect
 their results, report the one that raised, died or hung, and stop the others.
 
 What a rank writes to stderr goes to a temporary file, so that the last words of a
