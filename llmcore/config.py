@@ -20,11 +20,6 @@ T = TypeVar("T")
 # The experiment sizes a page can ask for; ``llmcore.runtime`` picks one per machine.
 TIERS = ("cpu", "gpu")
 
-# Gpu-tier presets fit Colab's T4 (16 GB, of which about 15 GiB are usable) unless a
-# page declares a larger need and picks its size from the device's memory
-# (``Runtime.fit``). ``python -m tools.bench plan`` checks every preset against it.
-GPU_BUDGET_GB = 15
-
 # A target position that no loss counts (padding, prompts, unmasked tokens): the
 # default ignore_index of torch.nn.functional.cross_entropy.
 IGNORE_INDEX = -100

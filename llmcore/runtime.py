@@ -5,26 +5,21 @@ machine with two cores: every page finishes in a minute or two. ``gpu`` is one C
 GPU: the same code at real sizes. The tier follows the device unless the environment
 variable ``LLMCORE_TIER`` says otherwise (``LLMCORE_TIER=cpu`` on a GPU machine runs
 the small experiments fast; ``gpu`` without a GPU is refused). Apple's MPS runs the
-cpu-tier sizes. This module and ``llmcore.parallel.launch`` are the only places that
-read environment variables.
+cpu-tier sizes.
 
 What the device can do is asked, not assumed: ``device_caps()`` (also ``rt.caps``)
 tells a GPU's compute capability, memory and which tensor-core formats it has (and
 whether a CPU has bf16 instructions); ``default_precision`` (``rt.precision``) turns
 that into the training precision every page uses unless it is about precision;
-``device_class`` names the kind of GPU the book plans for (T4, 24 GB, A100, H100,
-H200); ``fit_memory`` (``rt.fit``) picks the largest preset whose declared memory need
-the device has.
+``fit_memory`` (``rt.fit``) picks the largest preset whose declared memory need the
+device has.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import platform
 import random
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from typing import Mapping, TypeVar
 
@@ -165,60 +160,6 @@ def default_precision(caps: DeviceCaps) -> str:
     return "fp32"
 
 
-@dataclass(frozen=True)
-class DeviceClass:
-    """A kind of GPU a learner has, as the book plans for it: its memory, its
-    training precision, and its dense tensor-core peaks from the datasheets
-    (NVIDIA T4, L4, A100, H100 SXM and H200 SXM datasheets; TF32 and 16-bit without
-    sparsity)."""
-
-    name: str  # "t4", "l4", "a100-40gb", "a100-80gb", "h100", "h200"
-    capability: tuple[int, int]  # the class's compute capability
-    usable_gib: float  # what a page may plan on: the driver reports a little less
-    peak_tflops: dict[str, float]  # dense peak per precision it has
-    bandwidth_tbs: float  # memory bandwidth, TB/s (what generation waits for)
-
-    @property
-    def precision(self) -> str:
-        """The training precision the book uses on this class."""
-        return default_precision(DeviceCaps("cuda", self.name, self.capability,
-                                            int(self.usable_gib * GiB), 1))
-
-
-DEVICE_CLASSES = {c.name: c for c in (
-    # Colab's free GPU: Turing, fp16 tensor cores only, 16 GB of which ~15 usable.
-    DeviceClass("t4", (7, 5), 15.0, {"fp32": 8.1, "fp16": 65.0}, 0.32),
-    # 24 GB: L4 (sm89), RTX 3090 (sm86), RTX 4090 (sm89); planned as an L4.
-    DeviceClass("l4", (8, 9), 22.0, {"fp32": 30.3, "tf32": 60.0, "bf16": 121.0,
-                                     "fp16": 121.0, "fp8": 242.0}, 0.30),
-    DeviceClass("a100-40gb", (8, 0), 39.0, {"fp32": 19.5, "tf32": 156.0,
-                                            "bf16": 312.0, "fp16": 312.0}, 1.56),
-    DeviceClass("a100-80gb", (8, 0), 78.0, {"fp32": 19.5, "tf32": 156.0,
-                                            "bf16": 312.0, "fp16": 312.0}, 2.04),
-    DeviceClass("h100", (9, 0), 78.0, {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4,
-                                       "fp16": 989.4, "fp8": 1978.9}, 3.35),
-    DeviceClass("h200", (9, 0), 139.0, {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4,
-                                        "fp16": 989.4, "fp8": 1978.9}, 4.8),
-)}
-
-
-def device_class(caps: DeviceCaps) -> DeviceClass | None:
-    """The class ``caps`` plans as (None off CUDA and below sm70): sm70/sm75 a T4;
-    sm80+ with
-    up to 30 GiB the 24 GB class; then A100 40/80 GB, H100, H200 by capability and
-    memory."""
-    if caps.type != "cuda" or caps.capability is None or caps.capability < (7, 0):
-        return None  # no tensor cores: no class the book plans for
-    gib = caps.memory_gb
-    if caps.capability < (8, 0):
-        return DEVICE_CLASSES["t4"]
-    if gib <= 30:
-        return DEVICE_CLASSES["l4"]
-    if caps.capability < (9, 0):
-        return DEVICE_CLASSES["a100-40gb" if gib <= 48 else "a100-80gb"]
-    return DEVICE_CLASSES["h100" if gib <= 100 else "h200"]
-
-
 def fit_memory(options: Mapping[float, T], caps: DeviceCaps,
                headroom: float = 0.9) -> T:
     """The option with the largest memory need (GiB) that ``caps`` holds.
@@ -268,14 +209,8 @@ class Runtime:
         return default_precision(self.caps)
 
     @property
-    def device_class(self) -> DeviceClass | None:
-        """The kind of GPU the book plans this one as (None off CUDA)."""
-        return device_class(self.caps)
-
-    @property
     def banner(self) -> str:
-        kind = f" = {self.device_class.name} class" if self.device_class else ""
-        return (f"llmcore | device: {self.device.type} ({self.caps.describe()}{kind}) "
+        return (f"llmcore | device: {self.device.type} ({self.caps.describe()}) "
                 f"| tier: {self.tier} | precision: {self.precision} | torch "
                 f"{torch.__version__} | seed {self.seed}")
 
@@ -283,33 +218,10 @@ class Runtime:
 def setup(seed: int = 0, *, tier: str | None = None, device: str | None = None,
           quiet: bool = False) -> Runtime:
     """The first call of every page: pick device and tier, seed, print the banner.
-
-    On Colab it first installs the packages the book needs that Colab lacks.
-    """
-    if in_colab():
-        ensure_packages()
+    (On Colab, the first cell of a notebook's copy has installed the package.)"""
     dev = select_device(device)
     rt = Runtime(device=dev, tier=select_tier(dev, tier), seed=seed,
                  generator=seed_everything(seed), caps=device_caps(dev))
     if not quiet:
         print(rt.banner)
     return rt
-
-
-def in_colab() -> bool:
-    return "google.colab" in sys.modules
-
-
-# Import name -> pip requirement, for what a notebook may import beyond Colab's stock.
-COLAB_PACKAGES = {"jupytext": "jupytext", "accelerate": "accelerate",
-                  "hypothesis": "hypothesis", "tqdm": "tqdm"}
-
-
-def ensure_packages(packages: Mapping[str, str] = COLAB_PACKAGES) -> list[str]:
-    """pip-install the packages whose import is missing; return what it installed."""
-    missing = [req for name, req in packages.items()
-               if importlib.util.find_spec(name) is None]
-    if missing:
-        print("installing:", " ".join(missing))
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "-q", *missing])
-    return missing

@@ -24,7 +24,8 @@ def test_parse_args_defaults_and_errors():
 
 def test_gpu_runs_fit_the_card_they_run_on():
     """bf16 against FP8 on a ~1.3B GPT on an 80 GB card, on a 350M one on 24 GB."""
-    from llmcore.runtime import DEVICE_CLASSES, DeviceCaps, fit_memory
+    from llmcore.runtime import DeviceCaps, fit_memory
+    from tools.bench.gpus import DEVICE_CLASSES
     from tools.bench import plan
 
     sizes = {}

@@ -39,7 +39,7 @@ import llmcore.train.loop as loop_module
 import llmcore.train.run as run_module
 from llmcore.config import override
 from llmcore.models.gpt import GPT
-from tools.bench import mfu, speed  # imported first: their `train` is patched
+from tools.bench import gpus, mfu, speed  # imported first: their `train` is patched
 from tools.notebooks import notebooks
 
 matplotlib.use("Agg")
@@ -60,7 +60,7 @@ class DryRun:
 
     def __init__(self, caps: runtime.DeviceCaps):
         self.caps, self.calls, self.failures = caps, [], []
-        self.dc = runtime.device_class(caps)
+        self.dc = gpus.device_class(caps)
 
     def runtime(self, seed: int = 0, **kwargs) -> runtime.Runtime:
         rt = runtime.Runtime(device=torch.device("meta"), tier="gpu", seed=seed,

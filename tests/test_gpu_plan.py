@@ -12,9 +12,8 @@ import torch
 
 from book.workers.activations import saved_bytes
 from llmcore.accounting import count_params
-from llmcore.config import Tiered
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.runtime import DEVICE_CLASSES
+from tools.bench.gpus import DEVICE_CLASSES
 from llmcore.train.run import PRESETS
 from tools.bench import plan, presets
 

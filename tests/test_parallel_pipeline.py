@@ -20,7 +20,7 @@ from llmcore.models.gpt import GPT, GPTConfig
 from book.workers.launch import launch
 from llmcore.parallel import pipeline
 from llmcore.parallel.comm import CommStats
-from llmcore.parallel.schedules import (SCHEDULES, bubble, in_flight, make_plan,
+from llmcore.parallel.schedules import (bubble, in_flight, make_plan,
                                         simulate, with_comms)
 from llmcore.parallel.split_backward import DeferredLinear, defer_weight_grads
 

@@ -8,6 +8,7 @@ import torch
 
 from llmcore import runtime
 from llmcore.config import Tiered, check_fields, override
+from tools.bench import gpus
 
 
 def test_device_order_cuda_then_mps_then_cpu(monkeypatch):
@@ -72,14 +73,6 @@ def test_pick_chooses_the_preset_of_the_tier():
         rt.pick({"gpu": 2})
     with pytest.raises(KeyError, match="unknown tier"):
         Tiered(cpu=1, gpu=2)["tpu"]
-
-
-def test_ensure_packages_installs_only_what_is_missing(monkeypatch):
-    calls = []
-    monkeypatch.setattr(runtime.subprocess, "check_call", calls.append)
-    installed = runtime.ensure_packages({"torch": "torch", "no_such_mod_xyz": "xyz==1"})
-    assert installed == ["xyz==1"]
-    assert calls and calls[0][-1] == "xyz==1" and "torch" not in calls[0]
 
 
 def test_config_helpers_name_the_bad_field():
@@ -150,7 +143,7 @@ CLASSES = {"Tesla T4": "t4", "Tesla V100-SXM2-16GB": "t4", "NVIDIA L4": "l4",
 def test_each_gpu_is_planned_as_its_device_class(monkeypatch, name):
     fake_gpu(monkeypatch, name)
     caps = runtime.device_caps("cuda")
-    kind = runtime.device_class(caps)
+    kind = gpus.device_class(caps)
     assert (kind.name if kind else None) == CLASSES[name]
     if kind is not None:  # the class trains in the precision the GPU itself would
         assert kind.precision == runtime.default_precision(caps)
@@ -162,11 +155,11 @@ def test_the_classes_beyond_the_gpus_above():
     h200 = runtime.DeviceCaps("cuda", "NVIDIA H200", (9, 0), 141 * 2**30, 132)
     a100 = runtime.DeviceCaps("cuda", "NVIDIA A100-SXM4-80GB", (8, 0), 80 * 2**30, 108)
     rtx = runtime.DeviceCaps("cuda", "NVIDIA GeForce RTX 3090", (8, 6), 24 * 2**30, 82)
-    assert [runtime.device_class(c).name for c in (h200, a100, rtx)] == [
+    assert [gpus.device_class(c).name for c in (h200, a100, rtx)] == [
         "h200", "a100-80gb", "l4"]
-    assert runtime.device_class(runtime.device_caps("cpu")) is None
-    assert runtime.DEVICE_CLASSES["t4"].precision == "fp16"  # no bf16 tensor cores
-    assert "bf16" not in runtime.DEVICE_CLASSES["t4"].peak_tflops
+    assert gpus.device_class(runtime.device_caps("cpu")) is None
+    assert gpus.DEVICE_CLASSES["t4"].precision == "fp16"  # no bf16 tensor cores
+    assert "bf16" not in gpus.DEVICE_CLASSES["t4"].peak_tflops
 
 
 def test_setup_on_a_fake_gpu_exposes_caps_and_precision(monkeypatch, capsys):
@@ -176,7 +169,7 @@ def test_setup_on_a_fake_gpu_exposes_caps_and_precision(monkeypatch, capsys):
     assert rt.tier == "gpu" and rt.caps.name == "Tesla T4"
     assert rt.precision == "fp16" and not rt.caps.fp8_tensor_cores
     out = capsys.readouterr().out
-    assert "Tesla T4, sm75" in out and "t4 class" in out and "precision: fp16" in out
+    assert "Tesla T4, sm75" in out and "precision: fp16" in out
 
 
 def test_cpu_and_mps_have_no_tensor_core_formats(monkeypatch):

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from llmcore.config import GPU_BUDGET_GB
-from llmcore.runtime import device_caps, device_class
+from llmcore.runtime import device_caps
 from tools.bench import plan
+from tools.bench.gpus import GPU_BUDGET_GB, device_class
 from tools.bench.results import results_dir, slug
 from tools.notebooks import find_root, notebooks
 

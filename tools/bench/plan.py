@@ -42,9 +42,9 @@ from pathlib import Path
 from book.workers.activations import block_activation_bytes
 from book.workers.memory import gpt_param_count
 from llmcore.accounting import flops_per_token
-from llmcore.config import GPU_BUDGET_GB
 from llmcore.models.gpt import GPTConfig
-from llmcore.runtime import DEVICE_CLASSES, DeviceCaps, DeviceClass, fit_memory
+from llmcore.runtime import DeviceCaps, fit_memory
+from tools.bench.gpus import DEVICE_CLASSES, GPU_BUDGET_GB, DeviceClass
 from tools.bench.presets import Workload, library_presets, notebook_workloads
 from tools.notebooks import find_root, notebooks
 

@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 
 from llmcore.accounting import count_params, flops_per_token, measure_peak_flops, mfu
-from llmcore.config import GPU_BUDGET_GB, Tiered
+from llmcore.config import Tiered
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.runtime import device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
+from tools.bench.gpus import GPU_BUDGET_GB
 from tools.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
 from tools.bench.parallel import realtime
 from tools.bench.profile import profiled
