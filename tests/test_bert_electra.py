@@ -8,7 +8,7 @@ import torch
 
 from llmcore.data.mlm import mask_tokens
 from llmcore.models.bert import BERT, BertConfig
-from llmcore.models.electra import Electra, ElectraConfig, electra_loss
+from book.workers.electra import Electra, ElectraConfig, electra_loss
 from llmcore.train import TrainConfig, train
 
 V, MASK = 21, 20  # ids 0..19 are text, 20 is [MASK]

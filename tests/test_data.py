@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from book.workers.rtd import detection_loss, replace_tokens
 from llmcore.data import (IGNORE_INDEX, LMWindows, attention_mask_matrix,
-                          causal_lm_targets, collate, detection_loss, get_batch, lm,
-                          load_token_cache, mask_tokens, pad_sequences, replace_tokens,
-                          split_tokens, write_token_cache)
+                          causal_lm_targets, collate, get_batch, lm, load_token_cache,
+                          mask_tokens, pad_sequences, split_tokens, write_token_cache)
 from llmcore.data.lm import token_dtype, unigram_loss
 
 # ---------------------------------------------------------------- causal LM windows

@@ -13,7 +13,7 @@ architecture), no segment embeddings and no next-sentence task (Liu et al., "RoB
 2019, found that task does not help).
 
 The pieces (``Embeddings``, ``TransformerEncoder``, ``MLMHead``) are shared with the
-ELECTRA pair in ``llmcore.models.electra``.
+ELECTRA pair of chapter 7 (``book/workers/electra.py``).
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ with no gradient through the sampling. They share the token and position embeddi
 (section 3.2); a generator narrower than the embeddings reads them through a linear
 projection. After pre-training the generator is dropped and the discriminator is the
 encoder to fine-tune.
+
+Chapter 7 trains it beside a GPT and a BERT of the same shape; it is built from the
+library's BERT parts (``llmcore.models.bert``) and lives beside the chapter.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llmcore.data.rtd import detection_loss, replace_tokens
+from book.workers.rtd import detection_loss, replace_tokens
 from llmcore.models.bert import (BertConfig, Embeddings, MLMHead, TransformerEncoder,
                                  check_ids, init_weights, key_padding_mask,
                                  mlm_cross_entropy)
