@@ -11,6 +11,7 @@ beside the code they configure; this module holds what they share.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Generic, Iterator, TypeVar
@@ -69,6 +70,30 @@ def check_fields(obj: object, *names: str, integer: bool = False,
                 value, float) else ""
             raise ValueError(f"{type(obj).__name__}.{name} must be {want}, got "
                              f"{value!r}{hint}")
+
+
+def arg_number(integer: bool = False, minimum: float | None = None,
+               maximum: float | None = None, above: float | None = None):
+    """An argparse ``type=`` for the command lines: the text as a finite number (an
+    ``int`` where ``integer``) within the bounds, else an error that says what is
+    allowed, e.g. ``--steps: must be a whole number >= 1, got '0'``."""
+    kind = "a whole number" if integer else "a finite number"
+    bounds = [f"{op} {b}" for op, b in ((">=", minimum), ("<=", maximum), (">", above))
+              if b is not None]
+    want = f"{kind} {' and '.join(bounds)}".strip()
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if integer else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        ok = (math.isfinite(value) and (minimum is None or value >= minimum)
+              and (maximum is None or value <= maximum)
+              and (above is None or value > above))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return value
+    return parse
 
 
 def override(cfg: T, **changes) -> T:

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from llmcore.config import arg_number
 from llmcore.generate import generate
 from llmcore.models.gpt import GPT, GPTConfig
 from llmcore.runtime import select_device
@@ -123,24 +123,9 @@ def sample(run: Run | str | Path, prompt: str, max_new_tokens: int = 200,
     return [prompt + run.tokenizer.decode(row[len(ids):].tolist()) for row in out]
 
 
-def whole(minimum: int):
-    """An argparse type: a whole number of at least ``minimum``."""
-    def parse(text: str) -> int:
-        if not text.strip().lstrip("-").isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {minimum}, "
-                                             f"got {text!r}")
-        return int(text)
-    return parse
-
-
-def number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-    return value
+# what the flags accept (argparse types)
+WHOLE, COUNT = arg_number(integer=True, minimum=0), arg_number(integer=True, minimum=1)
+NUMBER = arg_number()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -150,15 +135,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="the text to continue; - reads standard input")
     src.add_argument("--prompt-file", help="a UTF-8 file holding the prompt")
-    p.add_argument("--max-new-tokens", type=whole(0), default=200)
-    p.add_argument("--temperature", type=number, default=0.8,
+    p.add_argument("--max-new-tokens", type=WHOLE, default=200)
+    p.add_argument("--temperature", type=NUMBER, default=0.8,
                    help="0: greedy; below 1 sharper, above 1 flatter")
-    p.add_argument("--top-k", type=whole(1), default=None,
+    p.add_argument("--top-k", type=COUNT, default=None,
                    help="sample among the k likeliest tokens only")
-    p.add_argument("--top-p", type=number, default=None,
+    p.add_argument("--top-p", type=NUMBER, default=None,
                    help="sample among the likeliest tokens holding this probability")
-    p.add_argument("--num-samples", type=whole(1), default=1)
-    p.add_argument("--seed", type=whole(0), default=0,
+    p.add_argument("--num-samples", type=COUNT, default=1)
+    p.add_argument("--seed", type=WHOLE, default=0,
                    help="the same seed gives the same text")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, mps (default: the best there is)")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from llmcore.nn import (DecoderBlock, EncoderBlock, GPTBlock, KVCache, causal_mask,
-                        load_torch_weights)
+from book.workers.torch_layers import load_torch_weights
+from llmcore.nn import DecoderBlock, EncoderBlock, GPTBlock, KVCache, causal_mask
 
 D, NH, FF = 16, 4, 24
 TOL = dict(atol=2e-5, rtol=2e-5)

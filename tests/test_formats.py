@@ -4,10 +4,10 @@ import pytest
 import torch
 from references import to_bits
 
+from book.workers.formats import bit_string, format_table
 from llmcore.precision.formats import (BF16, E4M3, E5M2, FORMATS, FP16, FP32, TF32,
-                                       all_values, bit_string, decode, encode,
-                                       format_table, from_bits, get_format,
-                                       round_to_format, split_bits)
+                                       all_values, decode, encode, from_bits,
+                                       get_format, round_to_format, split_bits)
 
 TORCH_FORMATS = [f for f in FORMATS.values() if f.torch_dtype is not None]
 

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn as nn
 
+from book.workers.memory import model_bytes
 from llmcore.precision.quant import (QATLinear, QuantizedLinear, calc_qparams,
-                                     dequantize, fake_quantize, model_bytes, pack_int4,
-                                     prepare_qat, qrange, quantize, quantize_int8,
-                                     quantize_weights, unpack_int4)
+                                     dequantize, fake_quantize, pack_int4, prepare_qat,
+                                     qrange, quantize, quantize_int8, quantize_weights,
+                                     unpack_int4)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")

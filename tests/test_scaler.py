@@ -107,7 +107,7 @@ def test_disabled_is_a_passthrough():
 
 
 def test_underflow_fraction():
-    from llmcore.precision.scaler import underflow_fraction
+    from book.workers.formats import underflow_fraction
 
     x = torch.tensor([1e-9, 1e-6, 1e-3, 0.0])  # fp16's smallest subnormal is 6e-8
     assert underflow_fraction([x]) == pytest.approx(1 / 3)

@@ -191,7 +191,7 @@ def test_one_way_to_parallelise_and_bad_degrees_are_refused(capsys):
     assert "unrecognized arguments: --parallel" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--preset", "shakespeare-char", "--tp", "0"])
-    assert "must be positive" in capsys.readouterr().err
+    assert "--tp: must be a whole number >= 1, got '0'" in capsys.readouterr().err
 
 
 def test_mesh_without_torchrun_names_torchrun():

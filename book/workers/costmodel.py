@@ -18,6 +18,7 @@ Closed-form counts for a GPT (``llmcore.models.gpt.GPTConfig``) trained with Ada
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from book.workers.activations import activation_bytes
@@ -195,3 +196,15 @@ def memory_per_rank(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2,
     acts = in_flight * activation_bytes(local, micro, seq, act_bytes, checkpoint_every,
                                         tp=plan.tp)
     return {"state": state, "activations": acts, "total": state + acts}
+
+
+def powersgd_payload(shapes, rank: int, min_compression_rate: float = 2.0) -> int:
+    """Elements one PowerSGD step all-reduces for gradients of these shapes: (n + m) r
+    per compressed matrix, everything for the rest (the rule of ``llmcore.parallel.compression.powersgd_hook``)."""
+    total = 0
+    for shape in shapes:
+        n = shape[0]
+        m = math.prod(shape[1:])  # 1 for a vector
+        r = min(n, m, rank)
+        total += (n + m) * r if (n + m) * r * min_compression_rate < n * m else n * m
+    return total

@@ -15,8 +15,7 @@ True where attention is allowed, a float mask is added to the scores.
 
 from llmcore.nn.attention import (MultiHeadAttention, causal_mask,
                                   scaled_dot_product_attention)
-from llmcore.nn.blocks import (DecoderBlock, EncoderBlock, GPTBlock, SelfAttentionBlock,
-                               load_torch_weights)
+from llmcore.nn.blocks import DecoderBlock, EncoderBlock, GPTBlock, SelfAttentionBlock
 from llmcore.nn.kvcache import KVCache
 from llmcore.nn.layers import FeedForward, LayerNorm, RMSNorm, make_norm
 from llmcore.nn.positional import (LearnedPositionalEmbedding, RotaryEmbedding,
@@ -26,6 +25,6 @@ __all__ = [
     "DecoderBlock", "EncoderBlock", "FeedForward", "GPTBlock", "KVCache", "LayerNorm",
     "LearnedPositionalEmbedding", "MultiHeadAttention", "RMSNorm", "RotaryEmbedding",
     "SelfAttentionBlock", "SinusoidalPositionalEncoding", "causal_mask",
-    "load_torch_weights", "make_norm", "scaled_dot_product_attention",
+    "make_norm", "scaled_dot_product_attention",
     "sinusoidal_table",
 ]

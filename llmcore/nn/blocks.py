@@ -7,7 +7,7 @@ x = norm(x + sublayer(x)); ``norm_first=True`` is *pre-LN*, x = x + sublayer(nor
 (Xiong et al. 2020), which trains without learning-rate warm-up and is what GPT-2 and
 later models use. Parameter names follow ``nn.TransformerEncoderLayer`` and
 ``nn.TransformerDecoderLayer`` (norm1, norm2, norm3, dropout1, ...), so weights copy
-over one to one; masks follow SDPA (boolean True = may attend).
+over one to one (chapter 5 does, ``book/workers/torch_layers.py``); masks follow SDPA (boolean True = may attend).
 """
 
 from __future__ import annotations
@@ -165,33 +165,3 @@ class DecoderBlock(nn.Module):
             x = self.norm2(x + self.dropout2(h))
             x = self.norm3(x + self.dropout3(self.ffn(x)))
         return (x, w_self, w_cross) if need_weights else x
-
-
-def load_torch_weights(block: SelfAttentionBlock | DecoderBlock,
-                       layer: nn.Module) -> None:
-    """Copy an ``nn.TransformerEncoderLayer``/``DecoderLayer`` into ``block``, in place.
-
-    PyTorch packs the q, k, v projections into one (3C, C) ``in_proj_weight``; split
-    into q, k, v here, they load into either layout (separate or fused). Everything
-    else has the same name.
-    """
-    attns = [("self_attn", "self_attn")]
-    if isinstance(block, DecoderBlock):
-        attns.append(("cross_attn", "multihead_attn"))
-    state = {}
-    ref = layer.state_dict()
-    for mine, theirs in attns:
-        c = getattr(block, mine).d_model
-        for name in ("weight", "bias"):
-            packed = ref.get(f"{theirs}.in_proj_{name}")
-            if packed is None:
-                continue
-            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                state[f"{mine}.{proj}.{name}"] = packed[i * c:(i + 1) * c]
-            state[f"{mine}.out_proj.{name}"] = ref[f"{theirs}.out_proj.{name}"]
-    for key, value in ref.items():
-        if key.startswith(("linear1", "linear2")):
-            state[f"ffn.{key}"] = value
-        elif key.startswith("norm"):
-            state[key] = value
-    block.load_state_dict(state)

@@ -264,15 +264,3 @@ def make_hook(name: str, process_group=None, **kwargs):
         return ps.PowerSGDState(process_group, **kwargs), ps.powerSGD_hook
     raise ValueError(f"unknown compression {name!r}; use allreduce, fp16, bf16, int8, "
                      "quantized, topk, powersgd or torch_powersgd")
-
-
-def powersgd_payload(shapes, rank: int, min_compression_rate: float = 2.0) -> int:
-    """Elements one PowerSGD step all-reduces for gradients of these shapes: (n + m) r
-    per compressed matrix, everything for the rest (the same rule as the hook)."""
-    total = 0
-    for shape in shapes:
-        n = shape[0]
-        m = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-        r = min(n, m, rank)
-        total += (n + m) * r if (n + m) * r * min_compression_rate < n * m else n * m
-    return total

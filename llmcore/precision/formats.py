@@ -197,28 +197,3 @@ def from_bits(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return (b & 0xFF).to(torch.uint8).view(dtype)
     as_int = {16: torch.int16, 32: torch.int32}[fmt.bits]
     return signed.to(as_int).view(dtype)
-
-
-def bit_string(bits: int, fmt) -> str:
-    """``'0 1000 110'``: the sign, exponent and mantissa fields of one pattern."""
-    fmt = get_format(fmt)
-    s = format(int(bits) & (2 ** fmt.bits - 1), f"0{fmt.bits}b")
-    return f"{s[0]} {s[1:1 + fmt.exp_bits]} {s[1 + fmt.exp_bits:]}"
-
-
-def format_table(formats=tuple(FORMATS.values())) -> list[dict]:
-    """Range and precision of each format, computed from the decoder."""
-    rows = []
-    for f in formats:
-        pos_max = 2 ** (f.bits - 1) - 1  # the largest positive bit pattern
-        # The largest finite value sits just below the top pattern (no inf) or at
-        # the top mantissa of the exponent below it (IEEE: the top one is inf/NaN).
-        top = decode(torch.tensor([pos_max - 2 ** f.man_bits, pos_max - 1, pos_max]), f)
-        rows.append({"format": f.name, "bits": f.bits, "exponent": f.exp_bits,
-                     "mantissa": f.man_bits,
-                     "max": top[top.isfinite()].max().item(),
-                     "min_normal": decode(torch.tensor(1 << f.man_bits), f).item(),
-                     "min_subnormal": decode(torch.tensor(1), f).item(),
-                     "eps": (decode(encode(torch.tensor(1.0), f) + 1, f) - 1).item(),
-                     "has_inf": f.has_inf})
-    return rows

@@ -235,13 +235,3 @@ def prepare_qat(model: nn.Module, bits: int = 4, group_size: int | None = None,
 
     _swap_linears(model, make, module_filter_fn)
     return model
-
-
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and buffers (a tied weight counted once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total

@@ -150,18 +150,3 @@ class LossScaler:
         self._growth_interval = state["growth_interval"]
         self._growth_tracker = torch.tensor(int(state["_growth_tracker"]),
                                             dtype=torch.int32, device=device)
-
-
-def underflow_fraction(tensors, dtype: torch.dtype = torch.float16,
-                       scale: float = 1.0) -> float:
-    """The fraction of the nonzero entries of ``tensors`` that become 0 when
-    ``x * scale`` is cast to ``dtype``: the gradient signal fp16 would lose."""
-    nonzero = lost = 0
-    for t in tensors:
-        x = t.detach().float().flatten()
-        x = x[x != 0]
-        nonzero += x.numel()
-        lost += int(((x * scale).to(dtype) == 0).sum())
-    if nonzero == 0:
-        raise ValueError("tensors hold no nonzero entries")
-    return lost / nonzero

@@ -34,14 +34,13 @@ are in :mod:`llmcore.train.run`.
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
-from llmcore.config import override
+from llmcore.config import arg_number, override
 from llmcore.data.textfiles import TextDataError
 from llmcore.runtime import setup
 from llmcore.train.loop import PRECISIONS, Interrupted
@@ -50,40 +49,10 @@ from llmcore.train.run import PRESETS, RunPreset, run
 DATA_PRESET = "shakespeare-char"  # --data without --preset: this shape and recipe
 BPE_VOCAB = 512  # --tokenizer bpe without --vocab-size
 SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "batch_size")  # --n-layer ...
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got "
-                                         f"{text}")
-    return value
-
-
 MAX_SEED = 2**32 - 1  # NumPy's range; a rank's seed adds an offset (parallel.rng)
-
-
-def seed_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"must lie in [0, {MAX_SEED}], got {value}")
-    return value
+# what the flags accept (argparse types)
+POSITIVE, POSITIVE_REAL = arg_number(integer=True, minimum=1), arg_number(above=0)
+SEED = arg_number(integer=True, minimum=0, maximum=MAX_SEED)
 
 
 def stop_now(signum, frame):
@@ -102,12 +71,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--precision", choices=(*PRECISIONS, "auto"), default=None,
                    help="training precision (default: the preset's; auto: the "
                         "device's own, fp16 on a T4, bf16 from Ampere on)")
-    p.add_argument("--steps", type=positive_int, default=None,
+    p.add_argument("--steps", type=POSITIVE, default=None,
                    help="override max_steps")
-    p.add_argument("--stop-at", type=positive_int, default=None,
+    p.add_argument("--stop-at", type=POSITIVE, default=None,
                    help="end after this many steps, the schedule still that of "
                         "--steps; continue the run later with --resume")
-    p.add_argument("--lr", type=positive_float, default=None,
+    p.add_argument("--lr", type=POSITIVE_REAL, default=None,
                    help="override the peak lr")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: the preset's choice)")
@@ -117,15 +86,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                        help="continue the run in OUT from OUT/ckpt.pt")
     again.add_argument("--overwrite", action="store_true",
                        help="replace the run already in OUT")
-    p.add_argument("--seed", type=seed_int, default=0,
+    p.add_argument("--seed", type=SEED, default=0,
                    help=f"random seed, a whole number in [0, {MAX_SEED}] (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     mesh = p.add_argument_group(
         "parallel training (under torchrun; dp x tp = the processes it starts)")
-    mesh.add_argument("--dp", type=positive_int, default=None,
+    mesh.add_argument("--dp", type=POSITIVE, default=None,
                       help="data-parallel rows of the device mesh, each sharding the "
                            "model, gradients and optimizer state with FSDP2")
-    mesh.add_argument("--tp", type=positive_int, default=None,
+    mesh.add_argument("--tp", type=POSITIVE, default=None,
                       help="tensor-parallel ranks per row of the device mesh")
     own = p.add_argument_group("your own text")
     own.add_argument("--data", default=None,
@@ -134,12 +103,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     own.add_argument("--tokenizer", choices=["char", "bpe"], default=None,
                      help="one id per character (default), or byte-level BPE "
                           "trained on the text")
-    own.add_argument("--vocab-size", type=positive_int, default=None,
+    own.add_argument("--vocab-size", type=POSITIVE, default=None,
                      help=f"bpe: ids in all, 256 bytes + merges (default "
                           f"{BPE_VOCAB})")
     shape = p.add_argument_group("the model's shape (default: the preset's)")
     for flag in SHAPE:
-        shape.add_argument(f"--{flag.replace('_', '-')}", type=positive_int)
+        shape.add_argument(f"--{flag.replace('_', '-')}", type=POSITIVE)
     shape.add_argument("--dropout", type=float, default=None)
     args = p.parse_args(argv)
     if args.preset is None and args.data is None:
