@@ -130,18 +130,20 @@ def units_of(model: nn.Module, name: str) -> list[nn.Module]:
     return list(m) if isinstance(m, nn.ModuleList) else [m]
 
 
-def time_step(model_fn, x, y, device, repeats: int = 3) -> dict:
-    """What one device does per step: milliseconds of a forward and backward of the
-    batch (x, y) (the best of ``repeats`` after a warm-up) and, on CUDA, the peak
-    memory in bytes. On one GPU this is the compute a data-parallel rank would do."""
+def time_steps(cases: dict, device, repeats: int = 3) -> dict:
+    """What one device does per step, for each ``name: (model_fn, x, y)`` of ``cases``:
+    milliseconds of a forward and backward of the batch (x, y), the best of
+    ``repeats`` after a warm-up, and on CUDA the peak memory in bytes. The cases take
+    turns, so that a slow spell of a shared machine falls on all of them alike. On
+    one GPU this is the compute a data-parallel or tensor-parallel rank would do."""
     device = torch.device(device)
-    model = model_fn().to(device)
-    x, y = x.to(device), y.to(device)
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    best = float("inf")
-    for i in range(repeats + 1):
+    runs, out = {}, {}
+    for name, (model_fn, x, y) in cases.items():
+        runs[name] = (model_fn().to(device), x.to(device), y.to(device))
+        out[name] = {"ms": float("inf"), "peak_bytes": 0, "device": str(device)}
+
+    def step(model, x, y) -> float:
         if cuda:
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -149,10 +151,17 @@ def time_step(model_fn, x, y, device, repeats: int = 3) -> dict:
         model.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize(device)
-        if i:  # the first step warms up (allocations, kernel selection)
-            best = min(best, time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated(device) if cuda else 0
-    return {"ms": best * 1e3, "peak_bytes": peak, "device": str(device)}
+        return (time.perf_counter() - start) * 1e3
+
+    for name, run in runs.items():  # the warm-up (allocations, kernel selection)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step(*run)
+        out[name]["peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else 0
+    for _ in range(repeats):
+        for name, run in runs.items():
+            out[name]["ms"] = min(out[name]["ms"], step(*run))
+    return out
 
 
 def solution_code(page: str | Path, label: str) -> str:
