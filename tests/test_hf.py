@@ -115,8 +115,11 @@ def test_what_llmcore_cannot_compute_is_refused():
 
 
 def test_from_pretrained_offline_says_what_it_needs(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    from huggingface_hub import constants
+    # huggingface_hub reads its environment once, when imported (transformers was,
+    # above): offline mode and an empty cache are set where it looks for them.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="needs a network connection"):
         GPT.from_pretrained("gpt2")
     with pytest.raises(RuntimeError, match="needs a network connection"):

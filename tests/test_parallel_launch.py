@@ -138,7 +138,7 @@ def one_rank_exits_quietly(rank, world_size):
 
 
 def test_default_wall_timeout_stops_a_stuck_rank_and_names_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(LAUNCH, "DEFAULT_WALL_TIMEOUT", 25.0)
+    monkeypatch.setattr(LAUNCH, "DEFAULT_WALL_TIMEOUT", 15.0)
     pid_file = tmp_path / "pid"
     start = time.monotonic()
     with pytest.raises(WorkerError, match="did not finish") as info:
