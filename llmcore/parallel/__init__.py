@@ -1,10 +1,11 @@
 """Parallel training by hand, on several processes: data, ZeRO, tensor, pipeline,
 context (ring attention).
 
-Every scheme runs under :func:`launch` with gloo on the CPU (or NCCL on GPUs) and is
-checked against a single process and against PyTorch's own implementation. The
-experiments the chapters run on top of them (workers, sweeps, timelines) live in
-``book.workers``, which nothing here imports.
+Every scheme runs in any initialised process group, gloo on the CPU or NCCL on GPUs
+(``torchrun``, or the book's runner ``book/workers/launch.py``), and is checked against
+a single process and against PyTorch's own implementation. The experiments the
+chapters run on top of them (workers, sweeps, timelines) live in ``book.workers``,
+which nothing here imports.
 """
 
 from llmcore.parallel.comm import Comm, CommStats, HookState, allreduce_hook
