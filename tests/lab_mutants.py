@@ -65,15 +65,19 @@ MUTANTS = {
             (".clamp(max=6.0)", ""),                        # 7 becomes 8: no saturation
             ("torch.where(y < 4, 1.0, 2.0)", "torch.where(y < 4, 1.0, 1.0)")],
     },
-    # Every mutant of this lab starts 2-4 processes: one per exercise, the one whose
-    # mistake is most common, and two for error feedback (exercise 3).
     "04-parallel": {
-        1: [("p.grad /= world", "pass")],                        # a sum, not a mean
-        2: [("y = F.linear(x_part, weight)", "y = F.linear(x_part, weight, bias)")],
+        1: [("p.grad /= world", "pass"),                         # a sum, not a mean
+            ("p.grad /= world", "p.grad /= 2 * world")],
+        2: [("torch.cat(parts, dim=-1)", "torch.cat(parts, dim=0)"),
+            ("y = F.linear(x_part, weight)", "y = F.linear(x_part, weight, bias)")],
         3: [("acc = grad + error", "acc = grad"),                # no error feedback
-            ("acc.abs().topk(k)", "acc.topk(k)")],        # largest, not magnitude
-        4: [("chunks[recv].add_(buf)", "chunks[recv].copy_(buf)")],  # no reduction
-        5: [("    if current:\n        buckets.append(current)\n", "")],  # last lost
+            ("acc.abs().topk(k)", "acc.topk(k)"),         # largest, not magnitude
+            ("new_error[indices] = 0", "pass")],
+        4: [("chunks[recv].add_(buf)", "chunks[recv].copy_(buf)"),   # no reduction
+            ("send, recv = (rank - step + 1) % world, (rank - step) % world",
+             "send, recv = (rank - step) % world, (rank - step - 1) % world")],
+        5: [("    if current:\n        buckets.append(current)\n", ""),  # last lost
+            ("reversed(list(model.parameters()))", "list(model.parameters())")],
     },
     "05-finetuning": {
         1: [("pooled = (h * w).sum(dim=1) / w.sum(dim=1)",
