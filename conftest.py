@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import time
@@ -28,6 +29,12 @@ from unittest import mock
 import pytest
 
 from tools.notebooks import is_myst_notebook
+
+# The tests and the notebooks they run never download: Hugging Face's hub reads this
+# once, when first imported (here, before any test or kernel does), and without it
+# every call offline retries the network for ~20 s before it fails. HF_HUB_OFFLINE=0
+# in the environment lets a connected machine fetch GPT-2 for the gpu-tier pages.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent
 # The deliberately failing notebook of the collector's own test is not in the suite.

@@ -48,6 +48,15 @@ class Tiered(Generic[T]):
         return TIERS
 
 
+def within(value: float, minimum: float | None = None, maximum: float | None = None,
+           above: float | None = None) -> bool:
+    """Whether ``value`` is finite and within the bounds: the rule that the config
+    checks and the command lines' flags share."""
+    return (math.isfinite(value) and (minimum is None or value >= minimum)
+            and (maximum is None or value <= maximum)
+            and (above is None or value > above))
+
+
 def check_fields(obj: object, *names: str, integer: bool = False,
                  minimum: float | None = None, above: float | None = None) -> None:
     """Raise a ValueError naming the first field of ``obj`` that is not a finite
@@ -59,8 +68,7 @@ def check_fields(obj: object, *names: str, integer: bool = False,
         value = getattr(obj, name)
         kinds = (int,) if integer else (int, float)
         ok = (isinstance(value, kinds) and not isinstance(value, bool)
-              and math.isfinite(value) and (minimum is None or value >= minimum)
-              and (above is None or value > above))
+              and within(value, minimum, above=above))
         if not ok:
             kind = "int" if integer else "number"
             want = (f"a positive {kind}" if above == 0 else f"a finite {kind}"
@@ -87,10 +95,7 @@ def arg_number(integer: bool = False, minimum: float | None = None,
             value = int(text) if integer else float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
-        ok = (math.isfinite(value) and (minimum is None or value >= minimum)
-              and (maximum is None or value <= maximum)
-              and (above is None or value > above))
-        if not ok:
+        if not within(value, minimum, maximum, above):
             raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
         return value
     return parse

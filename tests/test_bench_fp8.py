@@ -24,15 +24,14 @@ def test_parse_args_defaults_and_errors():
 
 def test_gpu_runs_fit_the_card_they_run_on():
     """bf16 against FP8 on a ~1.3B GPT on an 80 GB card, on a 350M one on 24 GB."""
-    from llmcore.runtime import DeviceCaps, fit_memory
+    from llmcore.runtime import fit_memory
     from tools.bench.gpus import DEVICE_CLASSES
     from tools.bench import plan
 
     sizes = {}
     for name in ("l4", "h100"):
         dc = DEVICE_CLASSES[name]
-        caps = DeviceCaps("cuda", name, dc.capability, int(dc.usable_gib * 2**30), 1)
-        (spec,) = fit_memory(bench.GPU_MODELS, caps)
+        (spec,) = fit_memory(bench.GPU_MODELS, dc.caps)
         with torch.device("meta"):
             model = GPT(GPTConfig(spec.vocab_size, spec.block_size, spec.n_layer,
                                   spec.n_head, spec.n_embd))

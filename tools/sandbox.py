@@ -5,9 +5,10 @@ for anyone else), the kernel starts in its own mount and PID namespaces:
 
 * the repository is replaced by a skeleton holding only what a kernel needs (the
   package ``llmcore``, its ``data`` folder, the book's folder for its process runner
-  in ``book/workers``, the virtual environment if it lives there), so the lab sources, their solutions, the tests and the git history are not
-  there to read; the lab's folder, the submissions and the grades are hidden by an
-  empty folder wherever they are;
+  in ``book/workers``, the virtual environment if it lives there), so the lab sources,
+  their solutions, the tests and the git history are not there to read; the lab's
+  folder, the submissions and the grades are hidden by an empty folder wherever they
+  are;
 * every file system is read-only except the submission's own work folder and a
   fresh ``/dev/shm``, so no submission can plant a module that another one would
   import, or touch the repository, the grades or the Python installation;

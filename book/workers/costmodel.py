@@ -200,7 +200,8 @@ def memory_per_rank(cfg, plan: Plan, batch: int, seq: int, act_bytes: int = 2,
 
 def powersgd_payload(shapes, rank: int, min_compression_rate: float = 2.0) -> int:
     """Elements one PowerSGD step all-reduces for gradients of these shapes: (n + m) r
-    per compressed matrix, everything for the rest (the rule of ``llmcore.parallel.compression.powersgd_hook``)."""
+    per compressed matrix, everything for the rest (the rule of
+    ``llmcore.parallel.compression.powersgd_hook``)."""
     total = 0
     for shape in shapes:
         n = shape[0]

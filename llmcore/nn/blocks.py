@@ -7,7 +7,8 @@ x = norm(x + sublayer(x)); ``norm_first=True`` is *pre-LN*, x = x + sublayer(nor
 (Xiong et al. 2020), which trains without learning-rate warm-up and is what GPT-2 and
 later models use. Parameter names follow ``nn.TransformerEncoderLayer`` and
 ``nn.TransformerDecoderLayer`` (norm1, norm2, norm3, dropout1, ...), so weights copy
-over one to one (chapter 5 does, ``book/workers/torch_layers.py``); masks follow SDPA (boolean True = may attend).
+over one to one (chapter 5 does, ``book/workers/torch_layers.py``); masks follow SDPA
+(boolean True = may attend).
 """
 
 from __future__ import annotations

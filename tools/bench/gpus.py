@@ -32,10 +32,15 @@ class DeviceClass:
     bandwidth_tbs: float  # memory bandwidth, TB/s (what generation waits for)
 
     @property
+    def caps(self) -> DeviceCaps:
+        """What ``device_caps`` would report for this class (its usable memory)."""
+        memory = int(self.usable_gib * GiB)
+        return DeviceCaps("cuda", self.name, self.capability, memory, 1)
+
+    @property
     def precision(self) -> str:
         """The training precision the book uses on this class."""
-        return default_precision(DeviceCaps("cuda", self.name, self.capability,
-                                            int(self.usable_gib * GiB), 1))
+        return default_precision(self.caps)
 
 
 DEVICE_CLASSES = {c.name: c for c in (

@@ -43,12 +43,11 @@ from book.workers.activations import block_activation_bytes
 from book.workers.memory import gpt_param_count
 from llmcore.accounting import flops_per_token
 from llmcore.models.gpt import GPTConfig
-from llmcore.runtime import DeviceCaps, fit_memory
+from llmcore.runtime import GiB, fit_memory
 from tools.bench.gpus import DEVICE_CLASSES, GPU_BUDGET_GB, DeviceClass
 from tools.bench.presets import Workload, library_presets, notebook_workloads
 from tools.notebooks import find_root, notebooks
 
-GiB = 2**30
 CUDA_CONTEXT = 1 * GiB
 GPT2 = GPTConfig(50304, 1024, 12, 12, 768)  # the anchor runs' model
 ANCHOR_PEAKS = {"bf16": 989.4e12, "tf32": 494.7e12, "fp32": 67.0e12}  # H200 = H100
@@ -119,7 +118,7 @@ def seconds(w: Workload, dc: DeviceClass) -> float:
 def chosen(rows: list[Workload], dc: DeviceClass) -> list[Workload]:
     """The workloads a page runs on ``dc``: of each ``rt.fit`` group, the option the
     runtime picks for the class's memory (``fit_memory``); every other preset."""
-    caps = DeviceCaps("cuda", dc.name, dc.capability, int(dc.usable_gib * GiB), 1)
+    caps = dc.caps
     groups: dict[str, dict[float, list[Workload]]] = {}
     plain = []
     for w in rows:
@@ -205,8 +204,7 @@ def benchmark_workloads(dc: DeviceClass) -> dict[str, list[Workload]]:
 
 def chosen_option(options: dict, dc: DeviceClass):
     """The option of ``{GiB: preset}`` that ``rt.fit`` picks on ``dc``."""
-    return fit_memory(options, DeviceCaps("cuda", dc.name, dc.capability,
-                                          int(dc.usable_gib * GiB), 1))
+    return fit_memory(options, dc.caps)
 
 
 def benchmark_plans(dc: DeviceClass) -> list[dict]:
