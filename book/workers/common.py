@@ -133,15 +133,12 @@ def units_of(model: nn.Module, name: str) -> list[nn.Module]:
 def time_steps(cases: dict, device, repeats: int = 3) -> dict:
     """What one device does per step, for each ``name: (model_fn, x, y)`` of ``cases``:
     milliseconds of a forward and backward of the batch (x, y), the best of
-    ``repeats`` after a warm-up, and on CUDA the peak memory in bytes. The cases take
-    turns, so that a slow spell of a shared machine falls on all of them alike. On
-    one GPU this is the compute a data-parallel or tensor-parallel rank would do."""
+    ``repeats`` after a warm-up, and on CUDA the peak memory in bytes that the case
+    itself added (its model, batch and step). The cases take turns, so that a slow
+    spell of a shared machine falls on all of them alike. On one GPU this is the
+    compute a data-parallel or tensor-parallel rank would do."""
     device = torch.device(device)
     cuda = device.type == "cuda"
-    runs, out = {}, {}
-    for name, (model_fn, x, y) in cases.items():
-        runs[name] = (model_fn().to(device), x.to(device), y.to(device))
-        out[name] = {"ms": float("inf"), "peak_bytes": 0, "device": str(device)}
 
     def step(model, x, y) -> float:
         if cuda:
@@ -153,11 +150,15 @@ def time_steps(cases: dict, device, repeats: int = 3) -> dict:
             torch.cuda.synchronize(device)
         return (time.perf_counter() - start) * 1e3
 
-    for name, run in runs.items():  # the warm-up (allocations, kernel selection)
+    runs, out = {}, {}
+    for name, (model_fn, x, y) in cases.items():  # built and warmed up one by one
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        step(*run)
-        out[name]["peak_bytes"] = torch.cuda.max_memory_allocated(device) if cuda else 0
+        before = torch.cuda.memory_allocated(device) if cuda else 0
+        runs[name] = (model_fn().to(device), x.to(device), y.to(device))
+        step(*runs[name])  # the warm-up: allocations, kernel selection
+        peak = torch.cuda.max_memory_allocated(device) - before if cuda else 0
+        out[name] = {"ms": float("inf"), "peak_bytes": peak, "device": str(device)}
     for _ in range(repeats):
         for name, run in runs.items():
             out[name]["ms"] = min(out[name]["ms"], step(*run))
