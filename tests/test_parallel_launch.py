@@ -34,6 +34,7 @@ def one_rank_raises(rank, world_size):
 
 def one_rank_dies(rank, world_size):
     if rank == 1:
+        print("last words of rank 1", file=sys.stderr, flush=True)
         os._exit(3)
     dist.barrier()
 
@@ -55,9 +56,23 @@ def test_failing_rank_raises_in_parent_with_traceback():
     assert "one_rank_raises" in err.remote_traceback  # the remote frame is shown
 
 
-def test_dead_rank_is_reported():
-    with pytest.raises(WorkerError, match="rank 1 died with exit code 3"):
+def test_dead_rank_is_reported_with_what_it_printed():
+    with pytest.raises(WorkerError, match="rank 1 died with exit code 3") as info:
         launch(one_rank_dies, 2, timeout=60)
+    assert "last words of rank 1" in info.value.remote_traceback
+
+
+def environment_value(rank, world_size, name):
+    return os.environ.get(name)
+
+
+def test_ranks_run_in_the_environment_of_each_launch(monkeypatch):
+    """The fork server starts once; each launch's ranks still see today's variables."""
+    assert launch(environment_value, 2, "LLMCORE_LAUNCH_PROBE", backend="gloo") == [
+        None, None]
+    monkeypatch.setenv("LLMCORE_LAUNCH_PROBE", "set after the first launch")
+    assert launch(environment_value, 2, "LLMCORE_LAUNCH_PROBE", backend="gloo") == [
+        "set after the first launch"] * 2
 
 
 def test_unpicklable_function_is_refused():
@@ -138,7 +153,7 @@ def one_rank_exits_quietly(rank, world_size):
 
 
 def test_default_wall_timeout_stops_a_stuck_rank_and_names_it(monkeypatch, tmp_path):
-    monkeypatch.setattr(LAUNCH, "DEFAULT_WALL_TIMEOUT", 15.0)
+    monkeypatch.setattr(LAUNCH, "DEFAULT_WALL_TIMEOUT", 8.0)
     pid_file = tmp_path / "pid"
     start = time.monotonic()
     with pytest.raises(WorkerError, match="did not finish") as info:
@@ -183,6 +198,6 @@ def test_script_without_main_guard_gets_the_real_error(tmp_path):
     out = subprocess.run([sys.executable, str(script)], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert "ERROR: rank" in out.stdout
+    assert "ERROR: rank" in out.stdout and "while starting" in out.stdout
     assert 'if __name__ == "__main__":' in out.stdout
-    assert "bootstrapping phase" in out.stdout  # what the rank itself printed
+    assert "bootstrapping phase" in out.stderr  # what the rank itself printed

@@ -1,8 +1,8 @@
 """Watching the ranks that :func:`book.workers.launch.launch` started: collect
 their results, report the one that raised, died or hung, and stop the others.
 
-What a rank writes to stderr goes to a temporary file, so that the last words of a
-rank that died before it could report are part of the error.
+Each rank writes its stderr to a log file of its own, so that the last words of a
+rank that died are part of the error (and are echoed here afterwards).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_lib
+import shutil
 import sys
 import tempfile
 import time
@@ -32,42 +33,39 @@ class WorkerError(RuntimeError):
         super().__init__(text)
 
 
-def start_logged(p) -> Any:
-    """Start ``p`` with its stderr in a temporary file, so that what a rank prints
-    before it dies can be shown in the error (and is echoed here afterwards)."""
-    log = tempfile.TemporaryFile(mode="w+b")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        os.dup2(log.fileno(), 2)  # the child inherits descriptor 2 as it starts
-        p.start()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-    return log
+def new_logs(world_size: int) -> list[str]:
+    """A path per rank for its stderr, in a fresh folder; a rank creates its file as
+    it starts, so a missing file means the rank died before it ran any of our code."""
+    folder = tempfile.mkdtemp(prefix="llmcore-ranks-")
+    return [os.path.join(folder, f"rank{rank}.log") for rank in range(world_size)]
 
 
-def _tail(log, chars: int = 3000) -> str:
-    log.flush()
-    log.seek(0)
-    return log.read().decode(errors="replace")[-chars:]
+def _tail(log: str, chars: int = 3000) -> str:
+    if not os.path.exists(log):
+        return ""
+    with open(log, "rb") as f:
+        return f.read().decode(errors="replace")[-chars:]
 
 
-def echo(log) -> None:
-    text = _tail(log, 20_000)
-    log.close()
-    if text.strip():
-        sys.stderr.write(text)
+def echo(logs: list[str]) -> None:
+    """Write what the ranks printed to this process's stderr; delete their logs."""
+    for log in logs:
+        text = _tail(log, 20_000)
+        if text.strip():
+            sys.stderr.write(text)
+    shutil.rmtree(os.path.dirname(logs[0]), ignore_errors=True)
 
 
-def _died(rank: int, p, log, then: str = "") -> WorkerError:
+def _died(rank: int, p, log: str, then: str = "") -> WorkerError:
+    if not os.path.exists(log):  # it died while starting, before any of our code ran
+        return WorkerError(rank, f"died with exit code {p.exitcode} while starting, "
+                           f"before it could run fn{then}; the other ranks were "
+                           "stopped. A script that calls launch() must guard it with "
+                           "`if __name__ == \"__main__\":` (each rank imports the "
+                           "script again); the rank's own error is on stderr")
     printed = _tail(log).strip()
-    hint = ""
-    if "bootstrapping phase" in printed:
-        hint = ("; the script that calls launch() must guard it with "
-                "`if __name__ == \"__main__\":` (each rank imports the script again)")
     return WorkerError(rank, f"died with exit code {p.exitcode} before it could "
-                       f"report{then}{hint}; the other ranks were stopped",
+                       f"report{then}; the other ranks were stopped",
                        printed and f"(what rank {rank} printed)\n{printed}")
 
 
