@@ -23,13 +23,13 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 from llmcore.io import atomic_write
+from llmcore.runtime import cpu_name
 from tools.bench.costmodel_runs import BenchConfig, run
 
 TOLERANCE = 0.30  # the largest relative error allowed for a two-process plan
@@ -49,18 +49,9 @@ def realtime() -> str:
 
 def hardware() -> str:
     """The CPU's model name and core count (what the processes share)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count()
-    return f"{name}, {cores} cores"
+    return f"{cpu_name()}, {cores} cores"
 
 
 def main(argv: list[str] | None = None) -> int:

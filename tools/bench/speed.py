@@ -25,7 +25,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,7 +35,7 @@ from llmcore.accounting import count_params, flops_per_token, measure_peak_flops
 from llmcore.config import Tiered
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.runtime import device_caps, device_name, setup
+from llmcore.runtime import cpu_name, device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
 from tools.bench.gpus import GPU_BUDGET_GB
 from tools.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
@@ -102,15 +101,7 @@ def page_preset() -> SpeedPreset:
 
 def cpu_model() -> str:
     """The processor's name and core count, e.g. 'AMD EPYC 7B13, 2 cores'."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def skip_reason(rung: Rung, device: torch.device) -> str | None:
