@@ -69,7 +69,7 @@ def graded(tmp_path):
     (folder / "empty").mkdir()
     out = tmp_path / "grades"
     assert labs.main(["grade", str(folder), "--lab", str(lab), "--out", str(out),
-                      "--time-limit", "20"]) == 0
+                      "--time-limit", "12"]) == 0
     return out
 
 
