@@ -37,8 +37,9 @@ LOADED = 0.10  # two ranks waiting for a core longer than this share: a loaded m
 
 
 def realtime() -> str:
-    """Schedule this process, and the ranks it spawns (they inherit it), round-robin
-    real-time at the lowest priority; the policy obtained, by name."""
+    """Schedule this process round-robin real-time at the lowest priority; the ranks
+    inherit it through the fork server that the first launch starts (so call this
+    before it). Returns the policy obtained, by name."""
     try:
         os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))
     except (AttributeError, OSError) as e:  # not Linux, or not permitted
