@@ -35,11 +35,11 @@ from llmcore.accounting import count_params, flops_per_token, measure_peak_flops
 from llmcore.config import Tiered
 from llmcore.io import atomic_write
 from llmcore.models.gpt import GPT, GPTConfig
-from llmcore.runtime import cpu_name, device_caps, device_name, setup
+from llmcore.runtime import device_caps, device_name, setup
 from llmcore.train import TrainConfig, train
 from tools.bench.gpus import GPU_BUDGET_GB
 from tools.bench.nanogpt import SETTLE, char_run, compare_nanogpt, llmcore_step_ms
-from tools.bench.parallel import realtime
+from tools.bench.parallel import hardware, realtime
 from tools.bench.profile import profiled
 from tools.bench.results import device_part
 
@@ -97,11 +97,6 @@ def page_preset() -> SpeedPreset:
     """The ladder a notebook page runs on a GPU: the largest option within a page's
     ``GPU_BUDGET_GB`` (pages share the GPU in ``make test-gpu``), whatever its size."""
     return PRESETS.gpu[max(k for k in PRESETS.gpu if k <= GPU_BUDGET_GB)]
-
-
-def cpu_model() -> str:
-    """The processor's name and core count, e.g. 'AMD EPYC 7B13, 2 cores'."""
-    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def skip_reason(rung: Rung, device: torch.device) -> str | None:
@@ -204,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(path.read_text()) if path.exists() else {}
     result.update({
         "benchmark": "speed", "tier": rt.tier, "device": device_name(rt.device),
-        "hardware": rt.caps.describe() if cuda else cpu_model(),
+        "hardware": rt.caps.describe() if cuda else hardware(),
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
         "capability": rt.caps.capability, "load_average": os.getloadavg()[0],
         "scheduling": policy,

@@ -49,9 +49,8 @@ from llmcore.train.muon import Muon, muon_param_groups
 from tools.bench import nanogpt
 from tools.bench.ladder import EVAL_CONTEXT, LADDERS, Recipe, Rung
 from tools.bench.nanogpt import char_ids
-from tools.bench.parallel import realtime
+from tools.bench.parallel import hardware, realtime
 from tools.bench.results import slug
-from tools.bench.speed import cpu_model
 
 
 def splits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +310,7 @@ def run_rounds(args, ladder_name: str, ladder: tuple[Rung, ...]) -> int:
         load.append(os.getloadavg()[0])
     result = {
         "benchmark": "speedrun", "ladder": ladder_name,
-        "hardware": (torch.cuda.get_device_name() if args.gpu else cpu_model()),
+        "hardware": (torch.cuda.get_device_name() if args.gpu else hardware()),
         "device": "cuda" if args.gpu else "cpu", "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
